@@ -1,0 +1,24 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+# Each creates .venv (pip: it resolves torch from this machine's local wheels) and installs earthray into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.earthray-installed
+
+.PHONY: quickstart test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/earthray ingest jobs/ingest-sample.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf work .pytest_cache

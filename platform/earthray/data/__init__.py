@@ -1,0 +1,1 @@
+"""Data: ingest (scenes -> chips -> Parquet shards + manifest), shard schema, statistics."""

@@ -1,0 +1,161 @@
+"""Ingest: scenes -> chips -> Parquet shards + manifest.json, in parallel over scenes on Ray Data.
+
+Each scene is one task with a key derived from everything that shapes its chips, so
+a re-run skips finished scenes (idempotent: the same key writes the same file) and an
+interrupted run resumes where it stopped. Progress lives in ``<output>/_state/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from earthray import __version__
+from earthray.config import ConfigError
+from earthray.data.chipper import ChipResult, ChipTask, SourceTask, run_chip_task
+from earthray.data.manifest import build_manifest, write_json_atomic
+from earthray.data.spec import IngestSpec, expand
+from earthray.sensors import Catalogue, default_catalogue, load_catalogue
+
+STATE = "_state"
+
+
+def plan(spec: IngestSpec, catalogue: Catalogue) -> list[ChipTask]:
+    """Expand globs into one task per scene; errors here are spec errors (nothing has run)."""
+    tasks = []
+    for inp in spec.inputs:
+        where = f"inputs.{inp.name}"
+        sensors = {}
+        for name, src in inp.sensors.items():
+            if name not in catalogue:
+                raise ConfigError(f"{where}.sensors: unknown sensor {name!r}; known: "
+                                  f"{', '.join(s.name for s in catalogue)}")
+            try:
+                sensors[name] = catalogue[name].select(src.bands)
+            except ValueError as e:
+                raise ConfigError(f"{where}.sensors.{name}.bands: {e}") from None
+        scenes: list[dict[str, str | list[str]]] = []
+        if len(inp.sensors) == 1:
+            (name, src), = inp.sensors.items()
+            if src.path:
+                scenes = [{name: p} for p in expand(src.path, f"{where}.sensors.{name}.path")]
+            else:
+                scenes = [{name: [p for s in src.stack for p in expand(s, f"{where}.sensors.{name}.stack")]}]
+        else:
+            scenes = [{n: s.path or [p for x in s.stack for p in expand(x, where)] for n, s in inp.sensors.items()}]
+        size, stride = spec.chip(inp)
+        for scene in scenes:
+            sources = {n: SourceTask(sensors[n].model_dump(), scene[n], inp.sensors[n].time_series)
+                       for n in inp.sensors}
+            label = inp.label.model_dump() if inp.label else None
+            identity = json.dumps([inp.name, {n: asdict(s) for n, s in sources.items()}, label, size, stride,
+                                   spec.min_valid_fraction, spec.split.model_dump()], sort_keys=True, default=str)
+            key = hashlib.sha1(identity.encode()).hexdigest()
+            out = Path(spec.output) / inp.group / f"{inp.name}-{key[:16]}.parquet"
+            tasks.append(ChipTask(key, inp.name, inp.group, sources, str(out), size, stride,
+                                  spec.min_valid_fraction, spec.split.model_dump(), spec.rows_per_group,
+                                  spec.compression, label))
+    return tasks
+
+
+def _state_path(spec: IngestSpec, key: str) -> Path:
+    return Path(spec.output) / STATE / f"{key}.json"
+
+
+def _load_state(spec: IngestSpec, task: ChipTask) -> ChipResult | None:
+    path = _state_path(spec, task.key)
+    if not path.exists():
+        return None
+    try:
+        result = ChipResult(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError):
+        return None  # a torn state file: redo the scene
+    if result.status == "done" and result.chips and not Path(result.file).exists():
+        return None
+    return result
+
+
+def _check_stale(spec: IngestSpec, tasks: list[ChipTask], overwrite: bool) -> None:
+    """Refuse to mix shards of another spec into this output unless told to replace them."""
+    state_dir = Path(spec.output) / STATE
+    if not state_dir.exists():
+        return
+    planned = {t.key for t in tasks}
+    stale = [p for p in state_dir.glob("*.json") if p.stem not in planned]
+    if not stale:
+        return
+    if not overwrite:
+        raise ConfigError(f"{spec.output}: holds {len(stale)} scene(s) ingested with different settings or inputs; "
+                          f"use a new output, or --overwrite to replace them")
+    for p in stale:
+        try:
+            old = json.loads(p.read_text())
+            if old.get("file"):
+                Path(old["file"]).unlink(missing_ok=True)
+        except json.JSONDecodeError:
+            pass
+        p.unlink()
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _ray_chip(row: dict) -> dict:
+    task = json.loads(row["task"])
+    task["sources"] = {k: SourceTask(**v) for k, v in task["sources"].items()}
+    return {"result": json.dumps(run_chip_task(ChipTask(**task)).to_dict())}
+
+
+def ingest(spec: IngestSpec, overwrite: bool = False,
+           on_scene: Callable[[ChipResult, int, int], None] | None = None) -> dict:
+    """Run (or resume) an ingest; returns the manifest it wrote to ``<output>/manifest.json``."""
+    catalogue = load_catalogue(spec.sensors_file) if spec.sensors_file else default_catalogue()
+    tasks = plan(spec, catalogue)
+    _check_stale(spec, tasks, overwrite)
+    (Path(spec.output) / STATE).mkdir(parents=True, exist_ok=True)
+    for group in {t.group for t in tasks}:
+        (Path(spec.output) / group).mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, ChipResult] = {}
+    pending = []
+    for t in tasks:
+        prior = _load_state(spec, t)
+        if prior is not None and prior.status == "done":
+            results[t.key] = prior
+        else:
+            pending.append(t)
+    done = len(results)
+    for r in results.values():
+        if on_scene:
+            on_scene(r, done, len(tasks))
+
+    if pending:
+        import ray
+
+        _ensure_ray(spec.address)
+        items = [{"task": json.dumps(asdict(t))} for t in pending]
+        stream = ray.data.from_items(items, override_num_blocks=len(items)).map(_ray_chip, num_cpus=1)
+        for row in stream.iter_rows():
+            result = ChipResult(**json.loads(row["result"]))
+            write_json_atomic(_state_path(spec, result.key), result.to_dict())
+            results[result.key] = result
+            done += 1
+            if on_scene:
+                on_scene(result, done, len(tasks))
+
+    manifest = build_manifest(spec, catalogue, tasks, [results[t.key] for t in tasks])
+    manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["earthray_version"] = __version__
+    write_json_atomic(Path(spec.output) / "manifest.json", manifest)
+    return manifest

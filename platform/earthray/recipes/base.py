@@ -1,0 +1,110 @@
+"""The one interface every pretraining recipe has, and the registry that finds them.
+
+A recipe is an ``nn.Module`` built from a config and the sensors it will see. Its
+``forward(batch)`` returns named loss terms plus ``"loss"`` (the total to
+backpropagate), so the training loop, tracking and sweeps never need to know
+which paper a model came from.
+
+Batch layout (what the data pipeline delivers; a flat dict, as Ray Data batches are):
+
+- ``batch[sensor]``: float32, normalised; ``(B, C, H, W)`` for single-date sensors,
+  ``(B, T, C, H, W)`` for time series.
+- ``batch[f"{sensor}.valid"]``: bool ``(B, H, W)`` / ``(B, T, H, W)``; optional (all valid).
+- ``batch[f"{sensor}.present"]``: bool ``(B,)``; False where the sample lacks that sensor;
+  optional (all present).
+- ``batch[f"{sensor}.doy"]``: int64 ``(B, T)`` day of year (1..366), time series only.
+- ``batch[f"{sensor}.tmask"]``: bool ``(B, T)``, False on padded dates; time series only.
+- ``batch["lonlat"]``: float32 ``(B, 2)`` chip centres in degrees; optional.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext as _nullcontext
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from earthray.sensors import Sensor, get_sensor
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class RecipeConfig(BaseModel):
+    """Base of every recipe's config; a recipe subclasses it with its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recipe(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type[RecipeConfig]]
+    presets: ClassVar[dict[str, dict[str, Any]]]
+    paper_params: ClassVar[dict[str, float]] = {}
+    """Parameter counts the papers report, by preset, for the size check."""
+
+    def __init__(self, config: RecipeConfig, sensors: Sequence[Sensor]):
+        super().__init__()
+        self.config = config
+        self.sensors = {s.name: s for s in sensors}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, batch: Batch) -> dict[str, list[torch.Tensor]]:  # pragma: no cover - abstract
+        """Multi-scale features per sensor (no masking): what fine-tuning heads consume."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int) -> None:
+        """Hook after each optimiser step (EMA teachers, prototype updates)."""
+
+    def trainable_parameters(self):
+        return (p for p in self.parameters() if p.requires_grad)
+
+
+_REGISTRY: dict[str, type[Recipe]] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_recipes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_recipe_class(name: str) -> type[Recipe]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(list_recipes())}") from None
+
+
+def resolve_config(name: str, preset: str = "tiny", **overrides: Any) -> RecipeConfig:
+    cls = get_recipe_class(name)
+    if preset not in cls.presets:
+        raise KeyError(f"recipe {name!r} has no preset {preset!r}; presets: {', '.join(cls.presets)}")
+    return cls.Config(**{**cls.presets[preset], **overrides})
+
+
+def create_recipe(
+    name: str,
+    sensors: Sequence[str | Sensor],
+    preset: str = "tiny",
+    device: str | torch.device | None = None,
+    **overrides: Any,
+) -> Recipe:
+    """Build a recipe's model, timm-style: ``create_recipe("msgfm", ["s2_l1c", "s1_grd"], "base")``."""
+    cls = get_recipe_class(name)
+    config = resolve_config(name, preset, **overrides)
+    resolved = [s if isinstance(s, Sensor) else get_sensor(s) for s in sensors]
+    with torch.device(device) if device is not None else _nullcontext():
+        return cls(config, resolved)
+
+
+def count_parameters(name: str, sensors: Sequence[str | Sensor], preset: str = "base", **overrides: Any) -> int:
+    """Parameter count without allocating memory (built on the meta device)."""
+    model = create_recipe(name, sensors, preset, device="meta", **overrides)
+    return sum(p.numel() for p in model.parameters())
