@@ -83,8 +83,8 @@ def test_s2_stats_are_reflectance_over_valid_pixels(sample_spec, sample_manifest
     s2 = sample_manifest["sensors"]["s2_l1c"]
     assert [b["name"] for b in s2["bands"]][:4] == ["B01", "B02", "B03", "B04"]
     table = read_group(sample_spec, sample_manifest, "s2_l1c")
-    chips = schema.to_numpy(table["s2_l1c"]).astype(np.float64) * 1e-4
-    valid = schema.to_numpy(table["s2_l1c.valid"]).astype(bool)
+    chips = schema.read_tensor(table, "s2_l1c").astype(np.float64) * 1e-4
+    valid = schema.read_tensor(table, "s2_l1c.valid").astype(bool)
     b8 = chips[:, 7][valid]
     np.testing.assert_allclose(s2["bands"][7]["stats"]["mean"], b8.mean(), rtol=1e-6)
     assert 0 < s2["bands"][7]["stats"]["mean"] < 1
@@ -92,8 +92,8 @@ def test_s2_stats_are_reflectance_over_valid_pixels(sample_spec, sample_manifest
 
 def test_colocated_group_is_warped_onto_reference_grid(sample_spec, sample_manifest, sample_dir):
     table = read_group(sample_spec, sample_manifest, "vhr_rgb+dem")
-    rgb = schema.to_numpy(table["vhr_rgb"])
-    dem = schema.to_numpy(table["dem"])
+    rgb = schema.read_tensor(table, "vhr_rgb")
+    dem = schema.read_tensor(table, "dem")
     assert rgb.shape[1:] == (3, 32, 32) and dem.shape[1:] == (1, 32, 32) and dem.dtype == np.float32
     present = np.asarray(table["dem.present"])
     assert 0 < present.sum() < len(present)  # the DEM covers only part of the RGB scene
@@ -106,10 +106,10 @@ def test_colocated_group_is_warped_onto_reference_grid(sample_spec, sample_manif
         rgb_direct = r.read()
     rows, cols = table["row"].to_numpy(), table["col"].to_numpy()
     i = int(np.flatnonzero(present)[0])
-    ok = schema.to_numpy(table["dem.valid"])[i].astype(bool)
+    ok = schema.read_tensor(table, "dem.valid")[i].astype(bool)
     direct = warped[rows[i]:rows[i] + 32, cols[i]:cols[i] + 32].astype(np.float32)
     np.testing.assert_allclose(dem[i, 0][ok], direct[ok], atol=1.0)
-    rgb_ok = schema.to_numpy(table["vhr_rgb.valid"])[i].astype(bool)
+    rgb_ok = schema.read_tensor(table, "vhr_rgb.valid")[i].astype(bool)
     expect = rgb_direct[:, rows[i]:rows[i] + 32, cols[i]:cols[i] + 32]
     np.testing.assert_array_equal(rgb_ok, (expect != 255).all(axis=0))
     np.testing.assert_array_equal(rgb[i][:, rgb_ok], expect[:, rgb_ok])
@@ -117,18 +117,18 @@ def test_colocated_group_is_warped_onto_reference_grid(sample_spec, sample_manif
 
 def test_time_series_rows_carry_all_dates(sample_spec, sample_manifest):
     table = read_group(sample_spec, sample_manifest, "s1_grd_db@series")
-    series = schema.to_numpy(table["s1_grd_db"])
+    series = schema.read_tensor(table, "s1_grd_db")
     assert all(s.shape == (160, 1, 16, 16) for s in series)
     dates = table["s1_grd_db.dates"].to_pylist()[0]
     assert len(dates) == 160 and dates == sorted(dates) and dates[0].isoformat() == "2017-01-01T05:52:10"
-    assert schema.to_numpy(table["s1_grd_db.valid"])[0].shape == (160, 16, 16)
+    assert schema.read_tensor(table, "s1_grd_db.valid")[0].shape == (160, 16, 16)
 
 
 def test_labels_aligned_with_image(sample_spec, sample_manifest, sample_dir):
     group = sample_manifest["groups"]["landsat7_etm+label"]
     assert group["label"]["classes"][0] == "class_1" and group["label"]["ignore_index"] == -1
     table = read_group(sample_spec, sample_manifest, "landsat7_etm+label")
-    labels = schema.to_numpy(table["label"])
+    labels = schema.read_tensor(table, "label")
     with rasterio.open(sample_dir / "landsat7_nc/lsat7_2000_10.tif") as img, \
             rasterio.open(sample_dir / "landsat7_nc/strata.tif") as lab:
         direct = np.full((img.height, img.width), -99999, np.float32)
@@ -140,8 +140,8 @@ def test_labels_aligned_with_image(sample_spec, sample_manifest, sample_dir):
     agree = [(labels[i] == direct[r:r + 32, c:c + 32]).mean() for i, (r, c) in enumerate(zip(rows, cols))]
     assert np.mean(agree) > 0.99
     assert set(np.unique(labels)) <= set(range(-1, 7)) and len(np.unique(labels)) >= 5
-    chips = schema.to_numpy(table["landsat7_etm"])
-    ok = schema.to_numpy(table["landsat7_etm.valid"]).astype(bool)
+    chips = schema.read_tensor(table, "landsat7_etm")
+    ok = schema.read_tensor(table, "landsat7_etm.valid").astype(bool)
     i = int(np.argmax(ok.mean(axis=(1, 2))))
     direct_b1 = band1[rows[i]:rows[i] + 32, cols[i]:cols[i] + 32]
     assert ok[i].mean() > 0.9 and chips.dtype == np.uint8

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rasterio.enums import Resampling
 from rasterio.warp import transform as warp_transform
+from numpy.lib.stride_tricks import sliding_window_view
 from rasterio.windows import Window
 
 from earthray.data import schema
@@ -201,16 +202,15 @@ def _chip(task: ChipTask, result: ChipResult, tmp: Path, stack: ExitStack) -> No
     fields = list(schema.BASE_FIELDS)
     for name, sensor in sensors.items():
         if task.sources[name].time_series:
-            fields += [pa.field(name, schema.variable_tensor_type(sensor.dtype, 4)),
-                       pa.field(f"{name}.valid", schema.variable_tensor_type(np.uint8, 3)),
+            fields += [schema.series_field(name, sensor.dtype, 4), schema.series_field(f"{name}.valid", np.uint8, 3),
                        pa.field(f"{name}.dates", pa.list_(pa.timestamp("s")))]
         else:
-            fields += [pa.field(name, schema.fixed_tensor_type(sensor.dtype, (len(sensor.bands), size, size))),
-                       pa.field(f"{name}.valid", schema.fixed_tensor_type(np.uint8, (size, size))),
+            fields += [schema.tensor_field(name, sensor.dtype, (len(sensor.bands), size, size)),
+                       schema.tensor_field(f"{name}.valid", np.uint8, (size, size)),
                        pa.field(f"{name}.date", pa.timestamp("s"))]
         fields.append(pa.field(f"{name}.present", pa.bool_()))
     if task.label:
-        fields.append(pa.field("label", schema.fixed_tensor_type(np.int16, (size, size))))
+        fields.append(schema.tensor_field("label", np.int16, (size, size)))
     arrow_schema = pa.schema(fields, metadata={"earthray.schema_version": str(schema.SCHEMA_VERSION)})
     writer = None
     rows: dict[str, list] = {f.name: [] for f in fields}
@@ -219,85 +219,80 @@ def _chip(task: ChipTask, result: ChipResult, tmp: Path, stack: ExitStack) -> No
         nonlocal writer
         if not rows["sample_id"]:
             return
-        columns = []
-        for f in fields:
-            values = rows[f.name]
-            if isinstance(f.type, pa.FixedShapeTensorType):
-                dtype = f.type.value_type.to_pandas_dtype()
-                columns.append(schema.fixed_tensor_array(np.stack(values), dtype))
-            elif pa.types.is_struct(f.type):
-                columns.append(schema.variable_tensor_array(values, f.type.field("data").type.value_type.to_pandas_dtype()))
-            else:
-                columns.append(pa.array(values, type=f.type))
+        columns = [schema.tensor_array(rows[f.name], f) if f.metadata else pa.array(rows[f.name], type=f.type)
+                   for f in fields]
         table = pa.Table.from_arrays(columns, schema=arrow_schema)
         if writer is None:
-            writer = stack.enter_context(pq.ParquetWriter(tmp, arrow_schema, compression=task.compression))
+            # Dictionary pages and min/max statistics pay off for the scalar columns only; on pixel columns
+            # they cost most of the write time for nothing a reader uses.
+            scalars = [f.name for f in schema.BASE_FIELDS]
+            writer = stack.enter_context(pq.ParquetWriter(tmp, arrow_schema, compression=task.compression,
+                                                          use_dictionary=scalars, write_statistics=scalars))
         writer.write_table(table, row_group_size=task.rows_per_group)
         for v in rows.values():
             v.clear()
 
+    def windows(x: np.ndarray) -> np.ndarray:
+        """``(..., size, W)`` strip -> ``(n, ..., size, size)``: every chip along it, as views."""
+        w = sliding_window_view(x, size, axis=-1)[..., ::stride, :]
+        return np.moveaxis(w, -2, 0)
+
     for r in range(0, ref_grid.height - size + 1, stride):
         strip = Window(0, r, ref_grid.width, size)
-        reads = {}
+        chips: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, scene in scenes.items():
             idx, t = layout[name]
             data, valid = scene.read(strip)
             data, valid = data[idx], valid[idx]
-            c = len(sensors[name].bands)
             if task.sources[name].time_series:
-                data = data.reshape(t, c, size, -1)
-                valid = valid.reshape(t, c, size, -1).all(axis=1)
+                data = data.reshape(t, len(sensors[name].bands), size, -1)
+                valid = valid.reshape(data.shape).all(axis=1)
             else:
                 valid = valid.all(axis=0)
-            reads[name] = (data, valid)
-        label_strip = None
+            chips[name] = (windows(data), windows(valid))
+        frac = {n: v.reshape(len(v), -1).mean(axis=1) for n, (_, v) in chips.items()}
+        keep = np.flatnonzero(frac[ref] >= task.min_valid)
+        if not len(keep):
+            continue
+        cols = keep * stride
+        xs, ys = ref_grid.transform @ (cols + size / 2, np.full(len(cols), r + size / 2))
+        lons, lats = warp_transform(ref_grid.crs, "EPSG:4326", xs, ys)
+        splits = [split_of(x, y, crs, block, task.split) for x, y in zip(xs, ys)]
+        base = dict(sample_id=[f"{task.input}/{task.key[:10]}/{r}_{c}" for c in cols], input=[task.input] * len(keep),
+                    scene=[result.scene] * len(keep), crs=[crs] * len(keep), x=list(xs), y=list(ys), lon=list(lons),
+                    lat=list(lats), row=[r] * len(keep), col=cols.tolist(), split=splits)
+        for k, v in base.items():
+            rows[k] += v
+        for name, sensor in sensors.items():
+            data, valid = chips[name][0][keep], chips[name][1][keep]
+            ok = frac[name][keep] >= task.min_valid
+            series = task.sources[name].time_series
+            valid = valid & ok.reshape((-1,) + (1,) * (valid.ndim - 1))
+            pixel_valid = valid[:, :, None] if series else valid[:, None]
+            stored = _to_storage(data, np.broadcast_to(pixel_valid, data.shape), sensor, scenes[name].name)
+            stored[~ok] = 0
+            phys = np.moveaxis(sensor.transform.apply(data), 2 if series else 1, 0)
+            stats[name].update(phys, np.broadcast_to(np.moveaxis(pixel_valid, 2 if series else 1, 0), phys.shape))
+            for split, present_here in zip(splits, ok):
+                if present_here:
+                    present[name][split] = present[name].get(split, 0) + 1
+            rows[name] += list(stored)
+            rows[f"{name}.valid"] += list(valid.astype(np.uint8))
+            rows[f"{name}.present"] += ok.tolist()
+            if series:
+                dates = [_date(d) for d in scenes[name].band_dates[::len(sensor.bands)]]
+                rows[f"{name}.dates"] += [dates] * len(keep)
+            else:
+                rows[f"{name}.date"] += [_date(scenes[name].acquired)] * len(keep)
         if label is not None:
             ldata, lvalid = label.read(strip)
-            label_strip = np.where(lvalid[0], ldata[0].astype(np.float64) - task.label.get("first_class", 0), -1)
-        cols = list(range(0, ref_grid.width - size + 1, stride))
-        keep = [c for c in cols if reads[ref][1][..., c:c + size].mean() >= task.min_valid]
-        if not keep:
-            continue
-        xs, ys = zip(*[ref_grid.transform * (c + size / 2, r + size / 2) for c in keep])
-        lons, lats = warp_transform(ref_grid.crs, "EPSG:4326", list(xs), list(ys))
-        for c, x, y, lon, lat in zip(keep, xs, ys, lons, lats):
-            split = split_of(x, y, crs, block, task.split)
-            base = dict(sample_id=f"{task.input}/{task.key[:10]}/{r}_{c}", input=task.input, scene=result.scene,
-                        crs=crs, x=x, y=y, lon=lon, lat=lat, row=r, col=c, split=split)
-            for k, v in base.items():
-                rows[k].append(v)
-            for name, sensor in sensors.items():
-                data, valid = reads[name]
-                chip, cvalid = data[..., c:c + size], valid[..., c:c + size]
-                ok = cvalid.mean() >= task.min_valid
-                series = task.sources[name].time_series
-                scene = scenes[name]
-                stored = _to_storage(chip, np.broadcast_to(cvalid[..., None, :, :] if series else cvalid, chip.shape),
-                                     sensor, scene.name)
-                if not ok:
-                    stored[...] = 0
-                else:
-                    present[name][split] = present[name].get(split, 0) + 1
-                    phys = sensor.transform.apply(chip)
-                    if series:
-                        phys = phys.transpose(1, 0, 2, 3)
-                        bvalid = np.broadcast_to(cvalid, phys.shape)
-                    else:
-                        bvalid = np.broadcast_to(cvalid, phys.shape)
-                    stats[name].update(phys, bvalid)
-                rows[name].append(stored)
-                rows[f"{name}.valid"].append((cvalid & ok).astype(np.uint8))
-                rows[f"{name}.present"].append(bool(ok))
-                if series:
-                    rows[f"{name}.dates"].append([_date(d) for d in scene.band_dates[::len(sensor.bands)]])
-                else:
-                    rows[f"{name}.date"].append(_date(scene.acquired))
-            if label_strip is not None:
-                rows["label"].append(label_strip[:, c:c + size].astype(np.int16))
-            result.chips += 1
+            lab = np.where(lvalid[0], ldata[0].astype(np.float64) - task.label.get("first_class", 0), -1)
+            rows["label"] += list(windows(lab.astype(np.int16))[keep])
+        result.chips += len(keep)
+        for split in splits:
             result.by_split[split] = result.by_split.get(split, 0) + 1
-            if len(rows["sample_id"]) >= task.rows_per_group:
-                flush()
+        if len(rows["sample_id"]) >= task.rows_per_group:
+            flush()
     flush()
     result.stats = {n: s.to_dict() for n, s in stats.items()}
     result.present = present

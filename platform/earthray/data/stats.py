@@ -18,9 +18,11 @@ class BandStats:
     def update(self, values: np.ndarray, valid: np.ndarray) -> None:
         """``values``/``valid`` are ``(C, ...)``; only valid pixels count."""
         for c in range(values.shape[0]):
-            v = values[c][valid[c]].astype(np.float64, copy=False)
+            v = values[c][valid[c]]
             if v.size:
-                self._merge(c, v.size, float(v.mean()), float(((v - v.mean()) ** 2).sum()), v.min(), v.max())
+                mean = float(v.sum(dtype=np.float64)) / v.size
+                d = v - np.asarray(mean, v.dtype) if v.dtype.kind == "f" else v.astype(np.float64) - mean
+                self._merge(c, v.size, mean, float(np.square(d).sum(dtype=np.float64)), float(v.min()), float(v.max()))
 
     def _merge(self, c: int, n: int, mean: float, m2: float, lo: float, hi: float) -> None:
         total = self.count[c] + n
