@@ -102,8 +102,11 @@ def _check_stale(spec: IngestSpec, tasks: list[ChipTask], overwrite: bool) -> No
 
 
 def _ensure_ray(address: str | None) -> None:
+    import logging
+
     import ray
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
