@@ -1,7 +1,6 @@
 """The sample ingest, checked against direct rasterio/numpy computations on the same files."""
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 

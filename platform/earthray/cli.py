@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -29,7 +28,7 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> None:
     raise typer.Exit(code)
 
 
-def _catalogue(extra: Optional[list[Path]]):
+def _catalogue(extra: list[Path] | None):
     from earthray.sensors import load_catalogue
 
     try:
@@ -39,7 +38,7 @@ def _catalogue(extra: Optional[list[Path]]):
 
 
 @sensors_app.callback()
-def sensors_list(ctx: typer.Context, sensors: Optional[list[Path]] = SensorsOpt) -> None:
+def sensors_list(ctx: typer.Context, sensors: list[Path] | None = SensorsOpt) -> None:
     """List the sensors: name, kind, bands, GSD, dtype."""
     if ctx.invoked_subcommand:
         return
@@ -54,7 +53,7 @@ def sensors_list(ctx: typer.Context, sensors: Optional[list[Path]] = SensorsOpt)
 
 
 @sensors_app.command("show")
-def sensors_show(name: str, sensors: Optional[list[Path]] = SensorsOpt) -> None:
+def sensors_show(name: str, sensors: list[Path] | None = SensorsOpt) -> None:
     """Show one sensor: every band with wavelength/polarisation, GSD and normalisation stats."""
     from rich.table import Table
 
@@ -78,7 +77,7 @@ def sensors_show(name: str, sensors: Optional[list[Path]] = SensorsOpt) -> None:
 @app.command()
 def ingest(
     spec: Path = typer.Argument(..., help="ingest spec YAML"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
     overwrite: bool = typer.Option(False, help="replace shards an earlier, different spec wrote to the output"),
 ) -> None:
     """Chip scenes into Parquet shards + manifest.json. Exit 3 if any scene was quarantined."""
@@ -109,6 +108,32 @@ def ingest(
         for q in manifest["quarantine"]:
             err.print(f"[yellow]quarantined[/] {q['input']}: {q['reason']}", highlight=False)
         raise typer.Exit(EXIT_QUARANTINE)
+
+
+@app.command()
+def models() -> None:
+    """List recipes and their size presets with parameter counts (counted on the meta device)."""
+    from rich.table import Table
+
+    from earthray.recipes import count_parameters, get_recipe_class, list_recipes
+
+    table = Table(title="recipes (parameters with each paper's inputs)")
+    for col in ("recipe", "preset", "parameters", "paper", "vs paper", "inputs"):
+        table.add_column(col, justify="right" if col in ("parameters", "paper", "vs paper") else "left")
+    for name in list_recipes():
+        cls = get_recipe_class(name)
+        for preset in cls.presets:
+            total = count_parameters(name, preset=preset)
+            paper = cls.paper_params.get(preset)
+            shown, vs = f"{total / 1e6:,.1f} M", ""
+            if paper:
+                comparable = count_parameters(name, preset=preset, comparable=True)
+                if comparable != total:
+                    shown += f" ({comparable / 1e6:,.1f} M per token)"
+                vs = f"{(comparable - paper) / paper:+.1%}"
+            table.add_row(name, preset, shown, f"{paper / 1e6:,.0f} M" if paper else "", vs,
+                          ", ".join(cls.paper_sensors))
+    console.print(table)
 
 
 @app.command()

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.lib.stride_tricks import sliding_window_view
 from rasterio.enums import Resampling
 from rasterio.warp import transform as warp_transform
-from numpy.lib.stride_tricks import sliding_window_view
 from rasterio.windows import Window
 
 from earthray.data import schema

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from earthray import __version__
 from earthray.config import ConfigError
+from earthray.data import schema
 from earthray.data.chipper import ChipResult, ChipTask, SourceTask, run_chip_task
 from earthray.data.manifest import build_manifest, write_json_atomic
 from earthray.data.spec import IngestSpec, expand
@@ -52,7 +53,7 @@ def plan(spec: IngestSpec, catalogue: Catalogue) -> list[ChipTask]:
             sources = {n: SourceTask(sensors[n].model_dump(), scene[n], inp.sensors[n].time_series)
                        for n in inp.sensors}
             label = inp.label.model_dump() if inp.label else None
-            identity = json.dumps([inp.name, {n: asdict(s) for n, s in sources.items()}, label, size, stride,
+            identity = json.dumps([schema.SCHEMA_VERSION, inp.name, {n: asdict(s) for n, s in sources.items()}, label, size, stride,
                                    spec.min_valid_fraction, spec.split.model_dump()], sort_keys=True, default=str)
             key = hashlib.sha1(identity.encode()).hexdigest()
             out = Path(spec.output) / inp.group / f"{inp.name}-{key[:16]}.parquet"
@@ -158,7 +159,7 @@ def ingest(spec: IngestSpec, overwrite: bool = False,
                 on_scene(result, done, len(tasks))
 
     manifest = build_manifest(spec, catalogue, tasks, [results[t.key] for t in tasks])
-    manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     manifest["earthray_version"] = __version__
     write_json_atomic(Path(spec.output) / "manifest.json", manifest)
     return manifest

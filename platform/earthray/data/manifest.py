@@ -50,6 +50,7 @@ def build_manifest(spec: IngestSpec, catalogue: Catalogue, tasks: list[ChipTask]
             "sensors": list(task.sources), "kind": _kind(task), "chip_size": task.chip_size,
             "stride": task.stride, "files": [], "count": 0, "by_split": {}, "label": None,
             "bands": {n: [b["name"] for b in s.sensor["bands"]] for n, s in task.sources.items()},
+            "tensors": _tensors(task),
         })
         if task.label:
             g["label"] = {"classes": task.label.get("classes"), "first_class": task.label.get("first_class", 0),
@@ -98,6 +99,20 @@ def build_manifest(spec: IngestSpec, catalogue: Catalogue, tasks: list[ChipTask]
         "quarantine": [{"input": r.input, "scene": r.scene, "reason": r.reason}
                        for r in results if r.status == "quarantined"],
     }
+
+
+def _tensors(task: ChipTask) -> dict[str, dict]:
+    """Stored dtype and shape of each tensor column (None for the date axis of a series)."""
+    size = task.chip_size
+    out = {}
+    for name, src in task.sources.items():
+        dtype, c = schema._le(src.sensor["dtype"]).str, len(src.sensor["bands"])
+        series = [None] if src.time_series else []
+        out[name] = {"dtype": dtype, "shape": [*series, c, size, size]}
+        out[f"{name}.valid"] = {"dtype": "|u1", "shape": [*series, size, size]}
+    if task.label:
+        out["label"] = {"dtype": "<i2", "shape": [size, size]}
+    return out
 
 
 def _kind(task: ChipTask) -> str:

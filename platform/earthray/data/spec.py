@@ -20,7 +20,7 @@ class SourceSpec(StrictModel):
     time_series: bool = Field(False, description="the file's bands are dates (x bands): a (T, C, H, W) series")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "SourceSpec":
+    def _one_source(self) -> SourceSpec:
         if (self.path is None) == (self.stack is None):
             raise ValueError("give exactly one of 'path' or 'stack'")
         return self
@@ -70,7 +70,7 @@ class SplitSpec(StrictModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitSpec":
+    def _sums_to_one(self) -> SplitSpec:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1 (got {total:g})")
@@ -100,7 +100,7 @@ class IngestSpec(StrictModel):
         return inputs
 
     @model_validator(mode="after")
-    def _groups_consistent(self) -> "IngestSpec":
+    def _groups_consistent(self) -> IngestSpec:
         first: dict[str, InputSpec] = {}
         for inp in self.inputs:
             for sensor, src in inp.sensors.items():

@@ -33,7 +33,7 @@ class BandStats:
         self.min[c] = min(self.min[c], lo)
         self.max[c] = max(self.max[c], hi)
 
-    def merge(self, other: "BandStats") -> "BandStats":
+    def merge(self, other: BandStats) -> BandStats:
         for c in range(len(self.count)):
             if other.count[c]:
                 self._merge(c, int(other.count[c]), other.mean[c], other.m2[c], other.min[c], other.max[c])
@@ -55,7 +55,7 @@ class BandStats:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, list]) -> "BandStats":
+    def from_dict(cls, d: dict[str, list]) -> BandStats:
         s = cls(len(d["count"]))
         s.count = np.asarray(d["count"], np.int64)
         s.mean = np.asarray(d["mean"], np.float64)

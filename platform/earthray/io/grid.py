@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.windows import Window, bounds as window_bounds
+from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
 
 

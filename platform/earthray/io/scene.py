@@ -9,10 +9,10 @@ which is how co-located sensors are paired.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -67,7 +67,7 @@ class Scene:
     @classmethod
     def from_datasets(cls, paths: Sequence[str], name: str | None = None, reference: int | str = 0,
                       nodata: float | None = None, resampling: Resampling = Resampling.bilinear,
-                      band_names: list[str] | None = None) -> "Scene":
+                      band_names: list[str] | None = None) -> Scene:
         """Stack every band of ``paths`` on the grid of ``paths[reference]`` (or the finest, 'finest')."""
         datasets = [_open(p) for p in paths]
         try:
@@ -149,7 +149,7 @@ class Scene:
         return data, valids[0] if len(valids) == 1 else np.concatenate(valids)
 
     # -- reprojection ---------------------------------------------------------------------------
-    def reproject(self, grid: Grid, resampling: Resampling = Resampling.bilinear) -> "Scene":
+    def reproject(self, grid: Grid, resampling: Resampling = Resampling.bilinear) -> Scene:
         """The same bands warped onto ``grid`` (lazily: reads still go window by window)."""
         if self.grid.crs is None or grid.crs is None:
             raise RasterError(f"{self.name}: has no CRS, cannot be reprojected")
@@ -172,7 +172,7 @@ class Scene:
         gl, gb, gr, gt = grid.bounds
         return left < gr and right > gl and bottom < gt and top > gb
 
-    _parent: "Scene | None" = None
+    _parent: Scene | None = None
 
     def close(self) -> None:
         for m in self._members:
@@ -180,7 +180,7 @@ class Scene:
         if self._parent is not None:
             self._parent.close()
 
-    def __enter__(self) -> "Scene":
+    def __enter__(self) -> Scene:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,8 +7,8 @@ file beside it, renamed on success (COGs are rewritten from a tiled temporary).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import rasterio
@@ -60,7 +60,7 @@ class RasterWriter:
         else:
             os.replace(self._tmp, self.path)
 
-    def __enter__(self) -> "RasterWriter":
+    def __enter__(self) -> RasterWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -19,8 +19,9 @@ Batch layout (what the data pipeline delivers; a flat dict, as Ray Data batches 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext as _nullcontext
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +44,8 @@ class Recipe(nn.Module):
     presets: ClassVar[dict[str, dict[str, Any]]]
     paper_params: ClassVar[dict[str, float]] = {}
     """Parameter counts the papers report, by preset, for the size check."""
+    paper_sensors: ClassVar[dict[str, list[str] | None]] = {}
+    """The inputs the paper trains on (sensor -> bands, None for all): what sizes are counted with."""
 
     def __init__(self, config: RecipeConfig, sensors: Sequence[Sensor]):
         super().__init__()
@@ -58,6 +61,10 @@ class Recipe(nn.Module):
 
     def on_step_end(self, step: int) -> None:
         """Hook after each optimiser step (EMA teachers, prototype updates)."""
+
+    def comparable_parameters(self) -> int:
+        """The count a paper's stated size refers to; the stored total unless a recipe says otherwise."""
+        return sum(p.numel() for p in self.parameters())
 
     def trainable_parameters(self):
         return (p for p in self.parameters() if p.requires_grad)
@@ -104,7 +111,17 @@ def create_recipe(
         return cls(config, resolved)
 
 
-def count_parameters(name: str, sensors: Sequence[str | Sensor], preset: str = "base", **overrides: Any) -> int:
-    """Parameter count without allocating memory (built on the meta device)."""
-    model = create_recipe(name, sensors, preset, device="meta", **overrides)
-    return sum(p.numel() for p in model.parameters())
+def paper_inputs(name: str) -> list[Sensor]:
+    """The paper's sensors (band subsets applied) for recipe ``name``."""
+    return [get_sensor(s).select(bands) for s, bands in get_recipe_class(name).paper_sensors.items()]
+
+
+def count_parameters(name: str, sensors: Sequence[str | Sensor] | None = None, preset: str = "base",
+                     comparable: bool = False, **overrides: Any) -> int:
+    """Parameter count without allocating memory (built on the meta device).
+
+    ``sensors`` defaults to the paper's inputs; ``comparable`` counts what the paper's figure counts.
+    """
+    model = create_recipe(name, paper_inputs(name) if sensors is None else sensors, preset, device="meta",
+                          **overrides)
+    return model.comparable_parameters() if comparable else sum(p.numel() for p in model.parameters())

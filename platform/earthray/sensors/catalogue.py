@@ -9,8 +9,9 @@ hundreds of hyperspectral bands one by one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class Catalogue:
     def add(self, sensor: Sensor) -> None:
         self._sensors[sensor.name] = sensor
 
-    def load(self, path: str | Path) -> "Catalogue":
+    def load(self, path: str | Path) -> Catalogue:
         data = read_yaml(path)
         if not isinstance(data, dict) or not isinstance(data.get("sensors"), dict):
             raise ConfigError(f"{path}: sensors: expected a mapping of sensor name -> definition")

@@ -57,7 +57,7 @@ class Sensor(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _bands_fit_kind(self) -> "Sensor":
+    def _bands_fit_kind(self) -> Sensor:
         names = [b.name for b in self.bands]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -81,7 +81,7 @@ class Sensor(StrictModel):
         """The finest band's GSD: the grid a multi-resolution product is brought to."""
         return min(b.gsd for b in self.bands)
 
-    def select(self, bands: list[str] | None) -> "Sensor":
+    def select(self, bands: list[str] | None) -> Sensor:
         """This sensor restricted to ``bands`` (in that order); None keeps all."""
         if bands is None:
             return self

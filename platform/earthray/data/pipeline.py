@@ -1,0 +1,168 @@
+"""Shards -> decoded, normalised batches in the recipe layout, streamed by Ray Data.
+
+``read_group`` never materialises a dataset: Ray Data streams row groups from the
+Parquet files and decodes them in parallel tasks; each Ray Train worker then pulls its
+share with ``get_dataset_shard``. Everything needed to decode comes from the manifest.
+Random augmentation happens later, on the batch (``earthray.data.augment``), where the
+training step is known, so it is reproducible and differs from epoch to epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from earthray.data.manifest import load_manifest
+from earthray.sensors import ValueTransform
+
+
+@dataclass
+class SensorNorm:
+    transform: ValueTransform
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass
+class GroupReader:
+    """How to decode one group's rows: tensor dtypes/shapes and per-sensor normalisation."""
+
+    group: str
+    tensors: dict[str, dict]
+    sensors: dict[str, SensorNorm]
+    series: dict[str, bool]
+    label: bool
+    max_dates: int = 16
+    seed: int = 0
+    columns: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, group: str, max_dates: int = 16, seed: int = 0) -> GroupReader:
+        try:
+            g = manifest["groups"][group]
+        except KeyError:
+            raise KeyError(f"no group {group!r} in the manifest; groups: {', '.join(manifest['groups'])}") from None
+        sensors, series = {}, {}
+        for name in g["sensors"]:
+            entry = manifest["sensors"][name]
+            stats = {b["name"]: b["stats"] for b in entry["bands"]}
+            bands = g["bands"][name]
+            sensors[name] = SensorNorm(
+                ValueTransform(**entry["transform"]),
+                np.array([stats[b]["mean"] for b in bands], np.float32),
+                np.array([max(stats[b]["std"], 1e-6) for b in bands], np.float32),
+            )
+            series[name] = g["tensors"][name]["shape"][0] is None
+        columns = ["sample_id", "lon", "lat", "split"]
+        for name in g["sensors"]:
+            columns += [name, f"{name}.valid", f"{name}.present"] + ([f"{name}.dates"] if series[name] else [])
+        if g["label"]:
+            columns.append("label")
+        return cls(group, g["tensors"], sensors, series, bool(g["label"]), max_dates, seed, columns)
+
+
+def _fixed(column: pa.ChunkedArray | pa.Array, spec: dict) -> np.ndarray:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = column.type.byte_width
+    raw = np.frombuffer(column.buffers()[1], np.uint8, count=width * len(column), offset=column.offset * width)
+    return raw.view(np.dtype(spec["dtype"])).reshape((len(column), *spec["shape"]))
+
+
+def _pick_dates(n_dates: int, k: int, key: str, seed: int) -> np.ndarray:
+    """A sorted subset of at most k dates, fixed per sample and seed (SkySense samples dates)."""
+    if n_dates <= k:
+        return np.arange(n_dates)
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode()).digest()[:8], "little"))
+    return np.sort(rng.choice(n_dates, k, replace=False))
+
+
+def decode(table: pa.Table, reader: GroupReader) -> dict[str, np.ndarray]:
+    """A block of shard rows -> the recipe batch layout (see ``earthray.recipes.base``)."""
+    n = table.num_rows
+    out: dict[str, np.ndarray] = {"lonlat": np.stack([table["lon"].to_numpy(), table["lat"].to_numpy()], 1)
+                                  .astype(np.float32)}
+    ids = table["sample_id"].to_pylist()
+    for name, norm in reader.sensors.items():
+        present = table[f"{name}.present"].to_numpy(zero_copy_only=False).astype(bool)
+        if reader.series[name]:
+            x, valid, doy, tmask = _decode_series(table, name, reader, norm, ids)
+            out[f"{name}.doy"], out[f"{name}.tmask"] = doy, tmask
+        else:
+            raw = _fixed(table[name], reader.tensors[name])
+            valid = _fixed(table[f"{name}.valid"], reader.tensors[f"{name}.valid"]).astype(bool)
+            x = _normalise(raw, norm, axis=1)
+            x *= valid[:, None]
+        out[name], out[f"{name}.valid"], out[f"{name}.present"] = x, valid, present
+    if reader.label:
+        out["label"] = _fixed(table["label"], reader.tensors["label"]).astype(np.int64)
+    assert all(len(v) == n for v in out.values())
+    return out
+
+
+def _normalise(raw: np.ndarray, norm: SensorNorm, axis: int) -> np.ndarray:
+    shape = [1] * raw.ndim
+    shape[axis] = -1
+    x = norm.transform.apply(raw) - norm.mean.reshape(shape)
+    x /= norm.std.reshape(shape)
+    return x.astype(np.float32, copy=False)
+
+
+def _decode_series(table, name, reader, norm, ids):
+    k = reader.max_dates
+    c, h, w = reader.tensors[name]["shape"][1:]
+    n = table.num_rows
+    x = np.zeros((n, k, c, h, w), np.float32)
+    valid = np.zeros((n, k, h, w), bool)
+    doy = np.zeros((n, k), np.int64)
+    tmask = np.zeros((n, k), bool)
+    data = table[name].combine_chunks()
+    vdata = table[f"{name}.valid"].combine_chunks()
+    shapes = data.field("shape").to_pylist()
+    dates = table[f"{name}.dates"].to_pylist()
+    dtype = np.dtype(reader.tensors[name]["dtype"])
+    for i in range(n):
+        series = np.frombuffer(data.field("data")[i].as_buffer(), dtype).reshape(shapes[i])
+        ok = np.frombuffer(vdata.field("data")[i].as_buffer(), np.uint8).reshape(shapes[i][0], h, w).astype(bool)
+        pick = _pick_dates(len(series), k, ids[i], reader.seed)
+        t = len(pick)
+        x[i, :t] = _normalise(series[pick], norm, axis=1) * ok[pick][:, None]
+        valid[i, :t] = ok[pick]
+        doy[i, :t] = [dates[i][j].timetuple().tm_yday for j in pick]
+        tmask[i, :t] = True
+    return x, valid, doy, tmask
+
+
+def read_group(root: str | Path, group: str, split: str | None = None, *, max_dates: int = 16, seed: int = 0,
+               num_cpus: float = 0.5, manifest: dict | None = None):
+    """A streaming Ray Dataset of one group's decoded rows (optionally one split)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    manifest = manifest or load_manifest(root)
+    reader = GroupReader.from_manifest(manifest, group, max_dates, seed)
+    files = [str(Path(root) / f) for f in manifest["groups"][group]["files"]]
+    if not files:
+        raise ValueError(f"{root}: group {group!r} has no shards (every scene quarantined?)")
+    ds = ray.data.read_parquet(files, columns=reader.columns)
+    if split:
+        ds = ds.filter(expr=col("split") == split)
+    return ds.map_batches(decode, fn_kwargs={"reader": reader}, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+def interleave(batches: dict[str, Iterable]) -> Iterator[tuple[str, dict]]:
+    """Round-robin over per-group batch streams until all are exhausted (every group visited each epoch).
+
+    msGFM's heterogeneous batches: each group keeps its own batch size and each step sees one group.
+    """
+    live = {name: iter(it) for name, it in batches.items()}
+    while live:
+        for name in list(live):
+            try:
+                yield name, next(live[name])
+            except StopIteration:
+                del live[name]

@@ -1,0 +1,20 @@
+"""Parts the recipes share: per-sensor patch embeddings, timm backbones, masking, decoders, MoE,
+meta-modality attention, temporal fusion, geo prototypes, contrastive losses, EMA teachers."""
+
+from earthray.models.backbones import SwinEncoder, ViTEncoder
+from earthray.models.contrastive import DINOHead, DINOLoss, cgcl_loss, cluster_assignment, info_nce
+from earthray.models.decoders import MAEDecoder, SimMIMDecoder
+from earthray.models.ema import ema_update_, frozen_copy
+from earthray.models.geo_prototypes import GeoPrototypes, region_index, sinkhorn
+from earthray.models.masking import random_masking, simmim_mask
+from earthray.models.meta_attention import MetaModalityAttention
+from earthray.models.moe import MoEFFN, convert_swin_mlp_to_moe, moe_aux_loss
+from earthray.models.patch_embed import MultiSensorPatchEmbed, SensorPatchEmbed
+from earthray.models.temporal import TemporalFusion
+
+__all__ = [
+    "DINOHead", "DINOLoss", "GeoPrototypes", "MAEDecoder", "MetaModalityAttention", "MoEFFN",
+    "MultiSensorPatchEmbed", "SensorPatchEmbed", "SimMIMDecoder", "SwinEncoder", "TemporalFusion", "ViTEncoder",
+    "cgcl_loss", "cluster_assignment", "convert_swin_mlp_to_moe", "ema_update_", "frozen_copy", "info_nce",
+    "moe_aux_loss", "random_masking", "region_index", "simmim_mask", "sinkhorn",
+]

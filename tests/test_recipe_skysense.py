@@ -1,0 +1,235 @@
+"""The ``skysense`` recipe on real chips: VHR RGB (RMNP), a Sentinel-2 L1C date (T55HFA) and a
+Sentinel-1 VV time series (Camargue, dates from the ENVI band names).
+
+The three modalities come from different places (the sample set has no co-located
+triple); lon/lat are the Sentinel-1 chips' centres. Sentinel-2 has one real date, padded
+to two, and one Sentinel-1 series is padded, so the padding paths see real data.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.warp import transform as warp_transform
+from rasterio.windows import Window
+
+from chips import SAMPLE, loss_before_after, real_chips, sample_bands
+from earthray.recipes import count_parameters, create_recipe, resolve_config
+from earthray.recipes.skysense import assign_roles
+from earthray.sensors import get_sensor
+
+HR, MS, SAR = "vhr_rgb", "s2_l1c", "s1_grd_db"
+S1_SERIES = SAMPLE / "s1_camargue" / "S1_GRD_VV_France_Camargue_2017-01-01_2017-12-31"
+S2_DOY = datetime(2020, 10, 11).timetuple().tm_yday
+
+
+def _sensors():
+    return [get_sensor(HR), get_sensor(MS).select(sample_bands(MS)), get_sensor(SAR).select(["VV"])]
+
+
+def s1_series(size: int, n: int, band_indexes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` windows of the S1 time series: (n, T, 1, size, size) normalised, doy (n, T), lonlat (n, 2)."""
+    sensor = get_sensor(SAR).select(["VV"])
+    with rasterio.open(S1_SERIES) as ds:
+        dates = [re.search(r"_(\d{8})T", ds.descriptions[i - 1]).group(1) for i in band_indexes]
+        doy = [datetime.strptime(d, "%Y%m%d").timetuple().tm_yday for d in dates]
+        chips, centres = [], []
+        for row in range(0, ds.height - size + 1, size):
+            for col in range(0, ds.width - size + 1, size):
+                if len(chips) == n:
+                    break
+                a = ds.read(band_indexes, window=Window(col, row, size, size))
+                valid = np.isfinite(a) & (a != ds.nodata)
+                chips.append(np.where(valid[:, None], sensor.normalise(a[:, None]), 0.0))
+                centres.append(ds.xy(row + size // 2, col + size // 2))
+        lon, lat = warp_transform(ds.crs, "EPSG:4326", [c[0] for c in centres], [c[1] for c in centres])
+    x = torch.from_numpy(np.stack(chips).astype(np.float32))
+    return x, torch.tensor([doy] * n, dtype=torch.long), torch.tensor(list(zip(lon, lat)), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, torch.Tensor]:
+    s1, s1_doy, lonlat = s1_series(16, 4, [1, 41, 81, 121])
+    s1_tmask = torch.ones(4, 4, dtype=torch.bool)
+    s1_tmask[3, 3] = False
+    s2 = real_chips(MS, None, 16, 4)
+    return {
+        HR: real_chips(HR, None, 64, 4),
+        MS: torch.stack([s2, torch.zeros_like(s2)], dim=1),
+        f"{MS}.doy": torch.tensor([[S2_DOY, 0]] * 4),
+        f"{MS}.tmask": torch.tensor([[True, False]] * 4),
+        SAR: s1,
+        f"{SAR}.doy": s1_doy,
+        f"{SAR}.tmask": s1_tmask,
+        "lonlat": lonlat,
+    }
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return create_recipe("skysense", _sensors(), "tiny", **overrides)
+
+
+def _loss_at(model, batch, seed=1):
+    torch.manual_seed(seed)
+    return model(batch)
+
+
+def _without(batch, sensor):
+    return {k: v for k, v in batch.items() if k != sensor and not k.startswith(f"{sensor}.")}
+
+
+def test_real_batch_is_what_it_claims(batch):
+    assert batch[SAR].shape == (4, 4, 1, 16, 16) and batch[MS].shape == (4, 2, 12, 16, 16)
+    assert batch[f"{SAR}.doy"][0].tolist() == sorted(batch[f"{SAR}.doy"][0].tolist())
+    lon, lat = batch["lonlat"][0].tolist()
+    assert 4.0 < lon < 5.5 and 43.0 < lat < 44.0  # the Camargue
+
+
+def test_roles_follow_kind_and_resolution():
+    assert assign_roles(_sensors()) == {"hr": HR, "ms": MS, "sar": SAR}
+    with pytest.raises(ValueError, match="one hr"):
+        assign_roles([get_sensor("vhr_rgb"), get_sensor("naip")])
+    with pytest.raises(ValueError, match="elevation"):
+        assign_roles([get_sensor("dem")])
+
+
+def test_loss_dict_names_shapes_and_dtypes(batch):
+    out = _loss_at(_model(), batch)
+    assert set(out) == {f"mgcl_{s}" for s in (HR, MS, SAR, "fusion")} | {"mgcl", "align", "loss"}
+    for name, value in out.items():
+        assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value), name
+    torch.testing.assert_close(out["loss"], out["mgcl"] + out["align"])
+
+
+def test_gradients_reach_the_student_and_never_the_teacher_or_prototypes(batch):
+    model = _model().train()
+    assert list(model.teacher.parameters()) == []
+    assert not any(m.training for m in model.teacher.modules())
+    assert not model.prototypes.prototypes.requires_grad
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    protos_before = model.prototypes.prototypes.detach().clone()
+    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
+    # SwinV2 zero-initialises its post-norms, so block weights see gradients from step 2 on.
+    for step in range(2):
+        optimiser.zero_grad()
+        _loss_at(model, batch, seed=step)["loss"].backward()
+        optimiser.step()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"prototypes.prototypes", f"student.spatial.{HR}.mask_token"}
+    for name, value in model.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name
+    assert torch.equal(model.prototypes.prototypes, protos_before)
+
+
+def test_step_end_moves_teacher_by_ema_and_prototypes_of_seen_regions(batch):
+    model = _model(teacher_momentum=0.75)
+    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
+    _loss_at(model, batch)["loss"].backward()
+    optimiser.step()
+    teacher = {n: model.teacher.get_buffer(n).clone() for n, _ in model.student.named_parameters()}
+    protos = model.prototypes.prototypes.detach().clone()
+    center = model.dino["fusion"]["img"].center.clone()
+    model.on_step_end(0)
+    for name, s in model.student.named_parameters():
+        assert torch.equal(model.teacher.get_buffer(name), 0.75 * teacher[name] + 0.25 * s.detach()), name
+    seen = model.prototypes.regions(batch["lonlat"]).unique()
+    moved = (model.prototypes.prototypes != protos).flatten(1).any(dim=1)
+    assert moved.nonzero().flatten().tolist() == seen.tolist()
+    assert not torch.equal(model.dino["fusion"]["img"].center, center)
+
+
+def test_padded_dates_change_nothing(batch):
+    model = _model()
+    garbled = dict(batch)
+    garbled[MS] = batch[MS].clone()
+    garbled[MS][:, 1] = 7.0
+    garbled[SAR] = batch[SAR].clone()
+    garbled[SAR][3, 3] = -7.0
+    expected, got = _loss_at(model, batch), _loss_at(model, garbled)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    model.eval()
+    for name, maps in model.encode(batch).items():
+        for a, b in zip(maps, model.encode(garbled)[name]):
+            torch.testing.assert_close(a, b)
+
+
+def test_encode_shapes_with_every_modality(batch):
+    model = _model().eval()
+    feats = model.encode(batch)
+    assert set(feats) == {HR, MS, SAR, "fusion", "fusion_geo"}
+    assert [tuple(f.shape) for f in feats[HR]] == [(4, 16, 16, 16), (4, 32, 8, 8), (4, 64, 4, 4)]
+    assert [tuple(f.shape) for f in feats[MS]] == [(4, 2, 32, 4, 4)]
+    assert [tuple(f.shape) for f in feats[SAR]] == [(4, 4, 32, 4, 4)]
+    assert (feats[MS][0][:, 1] == 0).all()  # the padded date
+    assert tuple(feats["fusion"][0].shape) == (4, 32, 4, 4)
+    assert tuple(feats["fusion_geo"][0].shape) == (4, 64, 4, 4)
+    torch.testing.assert_close(feats["fusion_geo"][0][:, :32], feats["fusion"][0])
+
+
+@pytest.mark.parametrize("missing", [HR, MS, SAR])
+def test_any_modality_may_be_missing(batch, missing):
+    model = _model()
+    out = _loss_at(model, _without(batch, missing))
+    assert f"mgcl_{missing}" not in out and torch.isfinite(out["loss"])
+
+    model.eval()
+    full = model.encode(batch)
+    dropped = model.encode(_without(batch, missing))
+    assert set(dropped) == {HR, MS, SAR, "fusion", "fusion_geo"} - {missing}
+    for name in {HR, MS, SAR} - {missing}:
+        torch.testing.assert_close(dropped[name][-1], full[name][-1])
+    assert torch.isfinite(dropped["fusion"][0]).all()
+    assert not torch.allclose(dropped["fusion"][0], full["fusion"][0])
+
+    absent = {**batch, f"{missing}.present": torch.zeros(4, dtype=torch.bool)}
+    torch.testing.assert_close(model.encode(absent)["fusion"][0], dropped["fusion"][0])
+
+
+def test_encode_works_with_one_modality_and_no_location(batch):
+    model = _model().eval()
+    only = {SAR: batch[SAR], f"{SAR}.doy": batch[f"{SAR}.doy"], f"{SAR}.tmask": batch[f"{SAR}.tmask"]}
+    feats = model.encode(only)
+    assert set(feats) == {SAR, "fusion"}
+    assert torch.isfinite(feats["fusion"][0]).all()
+
+
+def test_adopt_teacher_copies_the_ema_weights_into_the_student(batch):
+    model = _model()
+    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
+    _loss_at(model, batch)["loss"].backward()
+    optimiser.step()
+    model.on_step_end(0)
+    model.adopt_teacher()
+    for name, p in model.student.named_parameters():
+        assert torch.equal(p, model.teacher.get_buffer(name)), name
+
+
+def test_huge_preset_is_the_papers_2_06_billion_parameters():
+    config = resolve_config("skysense", "huge")
+    swin_h, vit_l = (352, (2, 2, 18, 2)), (1024, 24)
+    assert (config.hr_embed_dim, config.hr_depths) == swin_h and (config.ts_embed_dim, config.ts_depth) == vit_l
+    assert config.region_grid[0] * config.region_grid[1] == 4096 and config.num_prototypes == 100
+    n = count_parameters("skysense", _sensors(), "huge")
+    assert abs(n - 2.06e9) / 2.06e9 < 0.10, n
+
+
+def test_tiny_preset_lowers_the_loss_on_a_fixed_batch_of_real_chips(batch):
+    """Before/after on the same augmented views (same seed)."""
+    model = _model()
+    before, after = loss_before_after(model, batch)
+    summary = {k: (round(before[k].item(), 3), round(after[k].item(), 3)) for k in before}
+    assert after["loss"] < 0.7 * before["loss"], summary
+    assert after["mgcl"] < 0.8 * before["mgcl"] and after["align"] < 0.6 * before["align"], summary
