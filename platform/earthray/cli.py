@@ -111,6 +111,30 @@ def ingest(
 
 
 @app.command()
+def pretrain(
+    spec: Path = typer.Argument(..., help="pretraining spec YAML (jobs/pretrain-*.yaml)"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+) -> None:
+    """Pretrain a recipe on Ray Train; running the same spec again resumes it."""
+    from earthray.train.run import pretrain as run_pretrain
+    from earthray.train.spec import load_pretrain_spec
+
+    try:
+        pretrain_spec = load_pretrain_spec(spec)
+        if address:
+            pretrain_spec.address = address
+        with err.status(f"pretraining {pretrain_spec.name} ({pretrain_spec.recipe}/{pretrain_spec.preset}, "
+                        f"{pretrain_spec.max_steps} steps); worker progress follows"):
+            result = run_pretrain(pretrain_spec)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    console.print(f"[bold green]done[/] {result.name}: step {result.metrics.get('step')}", highlight=False)
+    console.print(f"bundle: {result.bundle}\ncheckpoint: {result.checkpoint}\n"
+                  f"MLflow run {result.run_id} in {result.tracking_uri} "
+                  f"(mlflow ui --backend-store-uri {result.tracking_uri})", highlight=False)
+
+
+@app.command()
 def models() -> None:
     """List recipes and their size presets with parameter counts (counted on the meta device)."""
     from rich.table import Table

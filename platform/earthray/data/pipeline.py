@@ -95,8 +95,7 @@ def decode(table: pa.Table, reader: GroupReader) -> dict[str, np.ndarray]:
         else:
             raw = _fixed(table[name], reader.tensors[name])
             valid = _fixed(table[f"{name}.valid"], reader.tensors[f"{name}.valid"]).astype(bool)
-            x = _normalise(raw, norm, axis=1)
-            x *= valid[:, None]
+            x = _normalise(raw, norm, valid, axis=1)
         out[name], out[f"{name}.valid"], out[f"{name}.present"] = x, valid, present
     if reader.label:
         out["label"] = _fixed(table["label"], reader.tensors["label"]).astype(np.int64)
@@ -104,12 +103,18 @@ def decode(table: pa.Table, reader: GroupReader) -> dict[str, np.ndarray]:
     return out
 
 
-def _normalise(raw: np.ndarray, norm: SensorNorm, axis: int) -> np.ndarray:
+def _normalise(raw: np.ndarray, norm: SensorNorm, valid: np.ndarray, axis: int) -> np.ndarray:
+    """Physical values, standardised per band (``axis``); 0 wherever ``valid`` (the array without
+    ``axis``) is False. Invalid pixels hold the sensor's nodata, which may be NaN or overflow: they
+    are overwritten, not multiplied by 0 (NaN * 0 is NaN)."""
     shape = [1] * raw.ndim
     shape[axis] = -1
-    x = norm.transform.apply(raw) - norm.mean.reshape(shape)
-    x /= norm.std.reshape(shape)
-    return x.astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = norm.transform.apply(raw) - norm.mean.reshape(shape)
+        x /= norm.std.reshape(shape)
+    x = x.astype(np.float32, copy=False)
+    np.copyto(x, 0, where=~np.expand_dims(valid, axis))
+    return x
 
 
 def _decode_series(table, name, reader, norm, ids):
@@ -130,7 +135,7 @@ def _decode_series(table, name, reader, norm, ids):
         ok = np.frombuffer(vdata.field("data")[i].as_buffer(), np.uint8).reshape(shapes[i][0], h, w).astype(bool)
         pick = _pick_dates(len(series), k, ids[i], reader.seed)
         t = len(pick)
-        x[i, :t] = _normalise(series[pick], norm, axis=1) * ok[pick][:, None]
+        x[i, :t] = _normalise(series[pick], norm, ok[pick], axis=1)
         valid[i, :t] = ok[pick]
         doy[i, :t] = [dates[i][j].timetuple().tm_yday for j in pick]
         tmask[i, :t] = True
@@ -148,7 +153,7 @@ def read_group(root: str | Path, group: str, split: str | None = None, *, max_da
     files = [str(Path(root) / f) for f in manifest["groups"][group]["files"]]
     if not files:
         raise ValueError(f"{root}: group {group!r} has no shards (every scene quarantined?)")
-    ds = ray.data.read_parquet(files, columns=reader.columns)
+    ds = ray.data.read_parquet(files).select_columns(reader.columns)
     if split:
         ds = ds.filter(expr=col("split") == split)
     return ds.map_batches(decode, fn_kwargs={"reader": reader}, batch_format="pyarrow", num_cpus=num_cpus)

@@ -86,7 +86,7 @@ class IngestSpec(StrictModel):
     min_valid_fraction: float = Field(0.5, ge=0, le=1)
     split: SplitSpec = SplitSpec()
     rows_per_group: int = Field(128, ge=1, description="Parquet row-group size: the unit a reader streams")
-    compression: str = "lz4"
+    compression: str = "zstd"
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
     inputs: list[InputSpec] = Field(min_length=1)
 

@@ -59,6 +59,11 @@ class MaRSConfig(RecipeConfig):
     cgcl_weight: float = 1.0
     teacher_weight: float = 1.0
     """Weight of the frozen-teacher cosine loss; 0 builds no teacher."""
+    optical_sensor: str | None = None
+    """Which sensor is the optical branch; default: the one sensor of kind "optical"."""
+    sar_sensor: str | None = None
+    """Which sensor is the SAR branch; default: the one sensor of kind "sar" (name another co-registered
+    sensor, e.g. a DSM, to run the recipe where no SAR pair exists)."""
 
 
 def _sensor_of_kind(sensors: Sequence[Sensor], kind: str) -> Sensor:
@@ -92,8 +97,11 @@ class MaRS(Recipe):
     def __init__(self, config: MaRSConfig, sensors: Sequence[Sensor]):
         super().__init__(config, sensors)
         c = config
-        self.optical = _sensor_of_kind(sensors, "optical").name
-        self.sar = _sensor_of_kind(sensors, "sar").name
+        self.optical = c.optical_sensor or _sensor_of_kind(sensors, "optical").name
+        self.sar = c.sar_sensor or _sensor_of_kind(sensors, "sar").name
+        for role, name in (("optical", self.optical), ("sar", self.sar)):
+            if name not in self.sensors:
+                raise ValueError(f"mars: {role}_sensor {name!r} is not among the sensors {list(self.sensors)}")
         self.modalities = (self.optical, self.sar)
         self.embed = nn.ModuleDict(
             {m: SensorPatchEmbed(len(self.sensors[m].bands), c.embed_dim, c.patch_size) for m in self.modalities}

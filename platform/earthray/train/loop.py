@@ -1,0 +1,146 @@
+"""The one training loop every recipe runs in, on each Ray Train worker.
+
+Steps are optimiser steps. A checkpoint holds the strategy's state (every rank's shard
+under DeepSpeed), the full fp32 weights (``model.safetensors``, for export) and
+``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch), so a
+restarted worker group resumes at the next step, skipping the micro-batches the epoch
+had already used.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from earthray.data.augment import flip_rotate
+from earthray.data.pipeline import interleave
+from earthray.recipes import create_recipe
+from earthray.sensors import Sensor
+from earthray.train.spec import PretrainSpec
+from earthray.train.strategy import make_strategy
+
+TRAINER_STATE = "trainer_state.json"
+WEIGHTS = "model.safetensors"
+
+
+class _Meter:
+    """Running sums between two log lines: loss terms, samples, time waiting for data and in total."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms: dict[str, float] = {}
+        self.steps = self.samples = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, out: dict[str, torch.Tensor], samples: int) -> None:
+        for k, v in out.items():
+            self.terms[k] = self.terms.get(k, 0.0) + float(v.detach())
+        self.samples += samples
+
+    def summary(self, world: int, micro: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        metrics = {k: v / max(micro, 1) for k, v in self.terms.items()}
+        metrics.update({"samples_per_s": self.samples * world / elapsed, "data_wait_fraction": self.wait / elapsed})
+        return metrics
+
+
+def _sensors(config: dict) -> list[Sensor]:
+    return [Sensor.model_validate(s) for s in config["sensors"]]
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    from safetensors.torch import save_file
+
+    from earthray.train import tracking
+
+    spec = PretrainSpec.model_validate(config["spec"])
+    torch.set_num_threads(max(1, int(spec.workers.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)
+    sensors = _sensors(config)
+    recipe = create_recipe(spec.recipe, sensors, spec.preset, **spec.model)
+    strategy = make_strategy(recipe, spec)
+
+    state = {"step": 0, "epoch": 0, "micro": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            strategy.load(Path(d))
+            state = json.loads((Path(d) / TRAINER_STATE).read_text())
+        if rank == 0:
+            print(f"[earthray] resumed {spec.name} at step {state['step']}", flush=True)
+            tracking.log_metrics(config["tracking_uri"], config["run_id"], {"resumed_from_step": state["step"]},
+                                 state["step"])
+
+    shards = {g: ray.train.get_dataset_shard(g) for g in spec.data.groups}
+    names = [s.name for s in sensors]
+    step, epoch, skip = state["step"], state["epoch"], state["micro"]
+    meter, accum, micro_since_log = _Meter(), 0, 0
+
+    def report(final: bool) -> None:
+        weights = strategy.full_state_dict()  # collective under ZeRO-3: every rank takes part
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            strategy.save(d, rank)
+            if rank == 0:
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(d / WEIGHTS))
+                (d / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": epoch, "micro": micro}))
+            has_files = any(d.iterdir())
+            ray.train.report({"step": step, "epoch": epoch, "final": final},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
+    while step < spec.max_steps:
+        streams = {g: shards[g].iter_torch_batches(batch_size=bs, drop_last=True)
+                   for g, bs in spec.data.groups.items()}
+        stream = iter(interleave(streams))
+        micro, seen = 0, 0
+        while step < spec.max_steps:
+            t0 = time.perf_counter()
+            try:
+                _group, batch = next(stream)
+            except StopIteration:
+                break
+            meter.wait += time.perf_counter() - t0
+            seen += 1
+            if micro < skip:  # already trained on before the restart
+                micro += 1
+                continue
+            if spec.data.augment:
+                gen = torch.Generator().manual_seed(hash((spec.seed, step, rank, micro)) & 0x7FFFFFFF)
+                batch = flip_rotate(batch, names, gen)
+            out = strategy.forward(batch)
+            strategy.backward(out["loss"])
+            micro += 1
+            accum += 1
+            micro_since_log += 1
+            boundary = accum == spec.optim.grad_accum
+            strategy.after_backward(boundary)
+            meter.add(out, len(next(iter(batch.values()))))
+            if not boundary:
+                continue
+            accum = 0
+            step += 1
+            if rank == 0 and (step % spec.tracking.log_every == 0 or step == spec.max_steps):
+                metrics = meter.summary(world, micro_since_log) | {"lr": strategy.lr, "epoch": epoch}
+                tracking.log_metrics(config["tracking_uri"], config["run_id"], metrics, step)
+                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s"))
+                print(f"[earthray] {spec.name} step {step}/{spec.max_steps} {shown} "
+                      f"wait {metrics['data_wait_fraction']:.0%}", flush=True)
+                meter.reset()
+                micro_since_log = 0
+            if step % spec.checkpoint_every == 0 or step == spec.max_steps:
+                report(final=step == spec.max_steps)
+        if seen == 0:
+            raise RuntimeError(f"{spec.name}: no full batch in groups {list(spec.data.groups)} (split "
+                               f"{spec.data.split!r}); lower the batch sizes or ingest more data")
+        if step < spec.max_steps:
+            epoch, skip = epoch + 1, 0

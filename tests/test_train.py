@@ -1,0 +1,120 @@
+"""Distributed pretraining on a real local Ray: DDP, DeepSpeed ZeRO-2/3, resume, MLflow, bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from earthray.bundle import load_bundle
+from earthray.config import ConfigError
+from earthray.train.loop import WEIGHTS
+from earthray.train.run import pretrain
+from train_helpers import metric_steps, ray_worker_pids, registered_checkpoint_steps, tiny_spec
+
+
+@pytest.fixture(scope="module")
+def root(sample_manifest, sample_spec) -> str:
+    return sample_spec.output
+
+
+def check_run(result, max_steps: int) -> None:
+    """The run reached max_steps, MLflow holds its metrics and bundle, the bundle reloads exactly."""
+    assert result.metrics["step"] == max_steps and result.metrics["final"]
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert {"loss", "lr", "samples_per_s", "data_wait_fraction"} <= set(run.data.metrics)
+    assert run.data.params["recipe"] == "ofa" and "max_steps" in run.data.params
+    artifacts = [a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "bundle")]
+    assert any(a.endswith("bundle.json") for a in artifacts)
+    bundle = load_bundle(result.bundle)
+    weights = load_file(str(result.checkpoint / WEIGHTS))
+    state = bundle.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    batch = {"vhr_rgbn": torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))}
+    bundle.model.eval()
+    torch.manual_seed(3)
+    a = bundle.model(batch)["loss"]
+    again = load_bundle(result.bundle).model.eval()
+    torch.manual_seed(3)
+    assert torch.equal(a, again(batch)["loss"])
+
+
+def test_ddp_trains_logs_and_exports(root, tmp_path):
+    result = pretrain(tiny_spec(root, tmp_path, "ddp-run"))
+    check_run(result, 6)
+    assert metric_steps(result.tracking_uri, result.run_id, "loss") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_and_exports(root, tmp_path, stage):
+    spec = tiny_spec(root, tmp_path, f"zero{stage}", strategy={"name": "deepspeed", "zero_stage": stage})
+    result = pretrain(spec)
+    check_run(result, 6)
+    shards = list((result.checkpoint / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2  # each rank saved its own partition
+
+
+def test_same_name_resumes_and_extends(root, tmp_path):
+    first = pretrain(tiny_spec(root, tmp_path, "again", max_steps=3))
+    second = pretrain(tiny_spec(root, tmp_path, "again", max_steps=6))
+    assert second.run_id == first.run_id
+    assert metric_steps(second.tracking_uri, second.run_id, "resumed_from_step") == [3]
+    assert metric_steps(second.tracking_uri, second.run_id, "loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigkilled_worker_resumes_from_last_checkpoint(root, tmp_path):
+    spec = tiny_spec(root, tmp_path, "killed", max_steps=40, checkpoint_every=5, max_failures=2)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(spec)), daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():  # kill once a checkpoint is registered
+        if registered_checkpoint_steps(spec):
+            break
+        time.sleep(0.1)
+    pids = ray_worker_pids()
+    assert thread.is_alive() and pids, "the run ended before a worker could be killed"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    result = outcome["result"]
+    assert result.metrics["step"] == 40
+    uri, run_id = result.tracking_uri, result.run_id
+    resumed = metric_steps(uri, run_id, "resumed_from_step")
+    assert len(resumed) == 1 and resumed[0] % 5 == 0 and resumed[0] >= 5
+    steps = metric_steps(uri, run_id, "loss")
+    assert set(steps) == set(range(1, 41))  # nothing lost
+    repeated = {s for s in steps if steps.count(s) > 1}
+    assert all(resumed[0] < s <= resumed[0] + 5 for s in repeated)  # redone only past the last checkpoint
+
+
+def test_unknown_group_and_fp16_on_cpu_are_spec_errors(root, tmp_path):
+    with pytest.raises(ConfigError, match="no group 'nosuch'"):
+        pretrain(tiny_spec(root, tmp_path, "bad", data={"groups": {"nosuch": 4}}))
+    with pytest.raises(ValueError, match="fp16 needs GPUs"):
+        tiny_spec(root, tmp_path, "bad", strategy={"precision": "fp16"})
+
+
+def test_removed_node_of_a_multi_node_cluster_resumes(root, tmp_path):
+    """A separate process runs its own 3-node cluster (head + 2 worker nodes) so the session's Ray is untouched."""
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": str(here), "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, str(here / "cluster_failover.py"), root, str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome["alive_when_removed"] and outcome["step"] == 40
+    assert len(outcome["resumed"]) == 1 and outcome["resumed"][0] % 5 == 0
+    steps, resumed = outcome["steps"], outcome["resumed"][0]
+    assert set(steps) == set(range(1, 41))
+    assert all(resumed < s <= resumed + 5 for s in {s for s in steps if steps.count(s) > 1})
