@@ -51,9 +51,11 @@ def check_run(result, max_steps: int) -> None:
 
 
 def test_ddp_trains_logs_and_exports(root, tmp_path):
-    result = pretrain(tiny_spec(root, tmp_path, "ddp-run"))
+    result = pretrain(tiny_spec(root, tmp_path, "ddp-run", tracking={"log_every": 1, "preview_every": 3}))
     check_run(result, 6)
     assert metric_steps(result.tracking_uri, result.run_id, "loss") == [1, 2, 3, 4, 5, 6]
+    previews = [a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "previews")]
+    assert previews == ["previews/step0000003-vhr_rgbn.png", "previews/step0000006-vhr_rgbn.png"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -59,6 +59,13 @@ class Recipe(nn.Module):
         """Multi-scale features per sensor (no masking): what fine-tuning heads consume."""
         raise NotImplementedError
 
+    def reconstruct(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """Per sensor: ``image`` (B, C, H, W), pixel ``mask`` (B, H, W, True = hidden) and ``recon``.
+
+        For training previews. Recipes without a pixel decoder (contrastive ones) return ``{}``.
+        """
+        return {}
+
     def on_step_end(self, step: int) -> None:
         """Hook after each optimiser step (EMA teachers, prototype updates)."""
 

@@ -202,6 +202,22 @@ class MsGFM(Recipe):
         terms["loss"] = total
         return terms
 
+    def reconstruct(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """Each present sensor rebuilding itself (the cross-sensor target is a training-time choice)."""
+        c, out = self.config, {}
+        for name in self._sensors_in(batch):
+            x = batch[name]
+            present = batch.get(f"{name}.present")
+            if present is not None:
+                x = x[present.bool()]
+            if len(x) == 0:
+                continue
+            mask = simmim_mask(len(x), self.encoder.grid, c.mask_patch, c.patch_size, c.mask_ratio, device=x.device)
+            latent = self.encoder(self.patch_embed(x, name), mask)[-1]
+            pixels = mask.repeat_interleave(c.patch_size, 1).repeat_interleave(c.patch_size, 2)
+            out[name] = {"image": x, "mask": pixels, "recon": self.decoders[name](latent)}
+        return out
+
     def _recon_loss(
         self,
         batch: Batch,

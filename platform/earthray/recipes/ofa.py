@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from earthray.models.backbones import ViTEncoder
-from earthray.models.decoders import MAEDecoder, patchify
+from earthray.models.decoders import MAEDecoder, patchify, unpatchify
 from earthray.models.masking import random_masking
 from earthray.models.patch_embed import MultiSensorPatchEmbed
 from earthray.recipes.base import Batch, Recipe, RecipeConfig, register_recipe
@@ -151,6 +151,18 @@ class OFA(Recipe):
             raise ValueError(f"batch holds none of this recipe's sensors ({', '.join(self.sensors)})")
         terms["loss"] = torch.stack(list(terms.values())).mean()
         return terms
+
+    def reconstruct(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        c = self.config
+        out = {}
+        for name, x, _ in self._inputs(batch, only_present=True):
+            tokens = self.patch_embed(x, name).flatten(1, 2)
+            keep, mask, restore = random_masking(x.shape[0], tokens.shape[1], c.mask_ratio, device=x.device)
+            pred = self.decoders[name](self.encoder(tokens, keep), restore)
+            grid = (c.img_size // c.patch_size,) * 2
+            pixels = mask.view(-1, *grid).repeat_interleave(c.patch_size, 1).repeat_interleave(c.patch_size, 2)
+            out[name] = {"image": x, "mask": pixels, "recon": unpatchify(pred, c.patch_size, grid, x.shape[1])}
+        return out
 
     def encode(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
         """Four evenly spaced ViT block outputs per sensor as (B, D, h, w), stride ``patch_size``."""

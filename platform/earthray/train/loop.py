@@ -20,6 +20,7 @@ from earthray.data.augment import flip_rotate
 from earthray.data.pipeline import interleave
 from earthray.recipes import create_recipe
 from earthray.sensors import Sensor
+from earthray.train.preview import save_previews
 from earthray.train.spec import PretrainSpec
 from earthray.train.strategy import make_strategy
 
@@ -137,6 +138,12 @@ def train_loop(config: dict) -> None:
                       f"wait {metrics['data_wait_fraction']:.0%}", flush=True)
                 meter.reset()
                 micro_since_log = 0
+            if spec.tracking.preview_every and step % spec.tracking.preview_every == 0:
+                recons = strategy.reconstruct(batch)
+                if rank == 0 and recons:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        for png in save_previews(recons, Path(tmp), step):
+                            tracking.log_artifact(config["tracking_uri"], config["run_id"], png, "previews")
             if step % spec.checkpoint_every == 0 or step == spec.max_steps:
                 report(final=step == spec.max_steps)
         if seen == 0:

@@ -48,6 +48,7 @@ class TrackingSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
     experiment: str = "earthray-pretrain"
     log_every: int = Field(10, ge=1)
+    preview_every: int = Field(0, ge=0, description="reconstruction preview PNGs every N steps (0: off)")
 
 
 class PretrainSpec(StrictModel):

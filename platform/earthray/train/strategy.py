@@ -27,6 +27,14 @@ class Strategy:
     def forward(self, batch: dict) -> dict:
         raise NotImplementedError
 
+    def reconstruct(self, batch: dict) -> dict:
+        """The recipe's preview reconstructions; every rank must call it (ZeRO-3 gathers weights)."""
+        with torch.no_grad():
+            return self.module.reconstruct(self._cast(batch))
+
+    def _cast(self, batch: dict) -> dict:
+        return batch
+
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -136,10 +144,13 @@ class DeepSpeedStrategy(Strategy):
         self.module = self.engine.module
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
 
+    def _cast(self, batch: dict) -> dict:
+        if self.dtype is None:
+            return batch
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
     def forward(self, batch: dict) -> dict:
-        if self.dtype is not None:
-            batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        return self.engine(batch)
+        return self.engine(self._cast(batch))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
