@@ -16,6 +16,7 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/earthray ingest jobs/ingest-sample.yaml
+	$(VENV)/bin/earthray pretrain jobs/pretrain-ofa-tiny.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
