@@ -165,12 +165,17 @@ class _SiteReader:
             ds.close()
 
 
+def loss_at(model, batch: dict, seed: int = 1) -> dict:
+    """The loss terms with the random masks (and views) a given seed draws."""
+    torch.manual_seed(seed)
+    return model(batch)
+
+
 def loss_before_after(model, batch: dict, steps: int = 30, lr: float = 2e-3, eval_seed: int = 1234):
     """Loss terms at a fixed seed (same masks, same views) before and after ``steps`` AdamW steps on one batch."""
 
     def at(seed: int) -> dict:
-        torch.manual_seed(seed)
-        return model(batch)
+        return loss_at(model, batch, seed)
 
     with torch.no_grad():
         before = at(eval_seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import earthray.recipes.mars as mars_module
-from chips import loss_before_after, real_chips
+from chips import loss_at, loss_before_after, real_chips
 from earthray.recipes import create_recipe
 from earthray.sensors import get_sensor
 
@@ -32,19 +32,14 @@ def _model(**overrides):
     return create_recipe("mars", _sensors(), "tiny", **overrides)
 
 
-def _loss_at(model, batch, seed=1):
-    torch.manual_seed(seed)
-    return model(batch)
-
-
 def test_loss_dict_names_shapes_and_dtypes(batch):
-    out = _loss_at(_model(), batch)
+    out = loss_at(_model(), batch)
     assert set(out) == {
         f"mim_{OPTICAL}", f"mim_{SAR}", "cgcl", "cgcl_patch", "cgcl_image", "cgcl_cross", "distill", "loss",
     }
     for name, value in out.items():
         assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value), name
-    assert "distill" not in _loss_at(_model(teacher_weight=0.0), batch)
+    assert "distill" not in loss_at(_model(teacher_weight=0.0), batch)
 
 
 def test_sensor_roles_come_from_sensor_kinds():
@@ -64,7 +59,7 @@ def test_gradients_reach_every_trainable_parameter_and_never_the_teacher(batch):
     # SwinV2 zero-initialises its post-norms, so block weights see gradients from step 2 on.
     for step in range(2):
         optimiser.zero_grad()
-        _loss_at(model, batch, seed=step)["loss"].backward()
+        loss_at(model, batch, seed=step)["loss"].backward()
         optimiser.step()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -85,7 +80,7 @@ def test_masked_image_loss_counts_only_masked_pixels(batch, monkeypatch):
     model = _model()
     for name in (OPTICAL, SAR):
         model.decoders[name].register_forward_hook(lambda mod, args, out, name=name: recons.__setitem__(name, out))
-    out = _loss_at(model, batch)
+    out = loss_at(model, batch)
     patch = model.config.patch_size
     for mask, name in zip(masks, (OPTICAL, SAR)):
         assert mask.dtype == torch.bool
@@ -102,12 +97,12 @@ def test_absent_or_invalid_sar_changes_no_loss(batch):
     base = {**batch, f"{SAR}.present": present}
     garbled = {**base, SAR: batch[SAR].clone()}
     garbled[SAR][3] = 50.0
-    expected, got = _loss_at(model, base), _loss_at(model, garbled)
+    expected, got = loss_at(model, base), loss_at(model, garbled)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
 
     nothing_valid = {**batch, f"{SAR}.valid": torch.zeros(4, 64, 64, dtype=torch.bool)}
-    assert _loss_at(model, nothing_valid)[f"mim_{SAR}"].item() == 0.0
+    assert loss_at(model, nothing_valid)[f"mim_{SAR}"].item() == 0.0
 
 
 def test_encode_gives_unmasked_stages_per_modality_even_alone(batch):

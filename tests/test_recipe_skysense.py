@@ -18,7 +18,7 @@ import torch
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
-from chips import SAMPLE, loss_before_after, real_chips, sample_bands
+from chips import SAMPLE, loss_at, loss_before_after, real_chips, sample_bands
 from earthray.recipes import count_parameters, create_recipe, resolve_config
 from earthray.recipes.skysense import assign_roles
 from earthray.sensors import get_sensor
@@ -75,11 +75,6 @@ def _model(**overrides):
     return create_recipe("skysense", _sensors(), "tiny", **overrides)
 
 
-def _loss_at(model, batch, seed=1):
-    torch.manual_seed(seed)
-    return model(batch)
-
-
 def _without(batch, sensor):
     return {k: v for k, v in batch.items() if k != sensor and not k.startswith(f"{sensor}.")}
 
@@ -100,7 +95,7 @@ def test_roles_follow_kind_and_resolution():
 
 
 def test_loss_dict_names_shapes_and_dtypes(batch):
-    out = _loss_at(_model(), batch)
+    out = loss_at(_model(), batch)
     assert set(out) == {f"mgcl_{s}" for s in (HR, MS, SAR, "fusion")} | {"mgcl", "align", "loss"}
     for name, value in out.items():
         assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value), name
@@ -118,7 +113,7 @@ def test_gradients_reach_the_student_and_never_the_teacher_or_prototypes(batch):
     # SwinV2 zero-initialises its post-norms, so block weights see gradients from step 2 on.
     for step in range(2):
         optimiser.zero_grad()
-        _loss_at(model, batch, seed=step)["loss"].backward()
+        loss_at(model, batch, seed=step)["loss"].backward()
         optimiser.step()
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -136,7 +131,7 @@ def test_gradients_reach_the_student_and_never_the_teacher_or_prototypes(batch):
 def test_step_end_moves_teacher_by_ema_and_prototypes_of_seen_regions(batch):
     model = _model(teacher_momentum=0.75)
     optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
-    _loss_at(model, batch)["loss"].backward()
+    loss_at(model, batch)["loss"].backward()
     optimiser.step()
     teacher = {n: model.teacher.get_buffer(n).clone() for n, _ in model.student.named_parameters()}
     protos = model.prototypes.prototypes.detach().clone()
@@ -157,7 +152,7 @@ def test_padded_dates_change_nothing(batch):
     garbled[MS][:, 1] = 7.0
     garbled[SAR] = batch[SAR].clone()
     garbled[SAR][3, 3] = -7.0
-    expected, got = _loss_at(model, batch), _loss_at(model, garbled)
+    expected, got = loss_at(model, batch), loss_at(model, garbled)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
     model.eval()
@@ -182,7 +177,7 @@ def test_encode_shapes_with_every_modality(batch):
 @pytest.mark.parametrize("missing", [HR, MS, SAR])
 def test_any_modality_may_be_missing(batch, missing):
     model = _model()
-    out = _loss_at(model, _without(batch, missing))
+    out = loss_at(model, _without(batch, missing))
     assert f"mgcl_{missing}" not in out and torch.isfinite(out["loss"])
 
     model.eval()
@@ -209,7 +204,7 @@ def test_encode_works_with_one_modality_and_no_location(batch):
 def test_adopt_teacher_copies_the_ema_weights_into_the_student(batch):
     model = _model()
     optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
-    _loss_at(model, batch)["loss"].backward()
+    loss_at(model, batch)["loss"].backward()
     optimiser.step()
     model.on_step_end(0)
     model.adopt_teacher()
