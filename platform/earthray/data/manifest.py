@@ -106,7 +106,7 @@ def _tensors(task: ChipTask) -> dict[str, dict]:
     size = task.chip_size
     out = {}
     for name, src in task.sources.items():
-        dtype, c = schema._le(src.sensor["dtype"]).str, len(src.sensor["bands"])
+        dtype, c = schema.little_endian(src.sensor["dtype"]).str, len(src.sensor["bands"])
         series = [None] if src.time_series else []
         out[name] = {"dtype": dtype, "shape": [*series, c, size, size]}
         out[f"{name}.valid"] = {"dtype": "|u1", "shape": [*series, size, size]}

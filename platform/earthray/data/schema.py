@@ -37,21 +37,21 @@ BASE_FIELDS = [
 ]
 
 
-def _le(dtype: np.dtype | str) -> np.dtype:
+def little_endian(dtype: np.dtype | str) -> np.dtype:
     return np.dtype(dtype).newbyteorder("<")
 
 
 def tensor_field(name: str, dtype: np.dtype | str, shape: tuple[int, ...]) -> pa.Field:
     """A fixed-shape tensor column: raw bytes, dtype and shape in the metadata."""
-    nbytes = int(np.prod(shape)) * _le(dtype).itemsize
+    nbytes = int(np.prod(shape)) * little_endian(dtype).itemsize
     return pa.field(name, pa.binary(nbytes), nullable=False,
-                    metadata={"earthray.dtype": _le(dtype).str, "earthray.shape": json.dumps(list(shape))})
+                    metadata={"earthray.dtype": little_endian(dtype).str, "earthray.shape": json.dumps(list(shape))})
 
 
 def series_field(name: str, dtype: np.dtype | str, ndim: int) -> pa.Field:
     """A variable-shape tensor column (time series): raw bytes plus each row's shape."""
     typ = pa.struct([pa.field("data", pa.binary()), pa.field("shape", pa.list_(pa.int32(), ndim))])
-    return pa.field(name, typ, nullable=False, metadata={"earthray.dtype": _le(dtype).str})
+    return pa.field(name, typ, nullable=False, metadata={"earthray.dtype": little_endian(dtype).str})
 
 
 def tensor_array(arrays: np.ndarray | list[np.ndarray], field: pa.Field) -> pa.Array:
