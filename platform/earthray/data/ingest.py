@@ -20,6 +20,7 @@ from earthray.data import schema
 from earthray.data.chipper import ChipResult, ChipTask, SourceTask, run_chip_task
 from earthray.data.manifest import build_manifest, write_json_atomic
 from earthray.data.spec import IngestSpec, expand
+from earthray.runtime import ensure_ray
 from earthray.sensors import Catalogue, default_catalogue, load_catalogue
 
 STATE = "_state"
@@ -102,19 +103,6 @@ def _check_stale(spec: IngestSpec, tasks: list[ChipTask], overwrite: bool) -> No
         p.unlink()
 
 
-def _ensure_ray(address: str | None) -> None:
-    import logging
-
-    import ray
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
-
 def _ray_chip(row: dict) -> dict:
     task = json.loads(row["task"])
     task["sources"] = {k: SourceTask(**v) for k, v in task["sources"].items()}
@@ -147,7 +135,7 @@ def ingest(spec: IngestSpec, overwrite: bool = False,
     if pending:
         import ray
 
-        _ensure_ray(spec.address)
+        ensure_ray(spec.address)
         items = [{"task": json.dumps(asdict(t))} for t in pending]
         stream = ray.data.from_items(items, override_num_blocks=len(items)).map(_ray_chip, num_cpus=1)
         for row in stream.iter_rows():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from earthray.config import ConfigError
 from earthray.data.manifest import load_manifest
 from earthray.data.pipeline import read_group
 from earthray.recipes import get_recipe_class, resolve_config
+from earthray.runtime import ensure_ray
 from earthray.sensors import Sensor, default_catalogue
 from earthray.train import tracking
 from earthray.train.loop import WEIGHTS, train_loop
@@ -51,18 +51,6 @@ def sensors_of(manifest: dict, groups: list[str]) -> list[Sensor]:
     return out
 
 
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.execution_options.preserve_order = True  # a resumed epoch skips the batches it already used
-
-
 def pretrain(spec: PretrainSpec) -> PretrainResult:
     """Train (or resume) ``spec.name``; returns where its checkpoint, bundle and MLflow run are."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -72,7 +60,7 @@ def pretrain(spec: PretrainSpec) -> PretrainResult:
     manifest = load_manifest(spec.data.root)
     sensors = sensors_of(manifest, list(spec.data.groups))
     config = resolve_config(spec.recipe, spec.preset, **spec.model)
-    _ensure_ray(spec.address)
+    ensure_ray(spec.address, preserve_order=True)
     datasets = {g: read_group(spec.data.root, g, spec.data.split, max_dates=spec.data.max_dates, seed=spec.seed,
                               num_cpus=spec.data.decode_cpus, manifest=manifest) for g in spec.data.groups}
     workdir = Path(spec.workdir)
