@@ -1,0 +1,69 @@
+"""Task heads on an encoder's multi-scale features, for fine-tuning.
+
+Every recipe's ``encode`` gives, per sensor, a list of channels-first feature maps
+(B, D_i, h_i, w_i). ``fuse_sensors`` averages the sensors a sample has (a missing
+modality simply drops out, as in MaRS's EarthMiss setting); the heads take the fused list.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fuse_sensors(features: dict[str, list[torch.Tensor]], present: dict[str, torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
+    """Per level, the mean over the sensors present in each sample (all sensors share level shapes)."""
+    names = [n for n in features if n not in ("fusion", "fusion_geo")] or list(features)
+    levels = len(features[names[0]])
+    fused = []
+    for i in range(levels):
+        stack = torch.stack([features[n][i] for n in names])  # (S, B, D, h, w)
+        if present is None:
+            fused.append(stack.mean(0))
+            continue
+        w = torch.stack([present.get(n, torch.ones(stack.shape[1], dtype=torch.bool, device=stack.device))
+                         for n in names]).to(stack.dtype)  # (S, B)
+        w = w.view(*w.shape, 1, 1, 1)
+        fused.append((stack * w).sum(0) / w.sum(0).clamp_min(1.0))
+    return fused
+
+
+class ClassificationHead(nn.Module):
+    """Global-average-pooled last level -> logits; multi-label heads are trained with BCE, single with CE."""
+
+    def __init__(self, in_dims: list[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dims[-1])
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_dims[-1], num_classes)
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(features[-1].mean(dim=(-2, -1)))))
+
+
+class FPNHead(nn.Module):
+    """Feature-pyramid decoder: lateral 1x1, top-down sum, 3x3 smoothing, all levels merged at the finest.
+
+    ``out_channels`` classes for segmentation, 1 (or more) for pixel regression; outputs are
+    resized to ``size``, the input image's, so labels are compared at full resolution.
+    """
+
+    def __init__(self, in_dims: list[int], out_channels: int, channels: int = 64):
+        super().__init__()
+        self.lateral = nn.ModuleList([nn.Conv2d(d, channels, 1) for d in in_dims])
+        self.smooth = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+            for _ in in_dims])
+        self.classifier = nn.Conv2d(channels * len(in_dims), out_channels, 1)
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        lat = [conv(f) for conv, f in zip(self.lateral, features)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="bilinear",
+                                                    align_corners=False)
+        finest = lat[0].shape[-2:]
+        merged = torch.cat([F.interpolate(s(x), size=finest, mode="bilinear", align_corners=False)
+                            for s, x in zip(self.smooth, lat)], dim=1)
+        return F.interpolate(self.classifier(merged), size=size, mode="bilinear", align_corners=False)
