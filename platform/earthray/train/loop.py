@@ -10,6 +10,8 @@ had already used.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +54,18 @@ class _Meter:
         return metrics
 
 
+def _progress_logger() -> logging.Logger:
+    """Worker progress lines on stderr (Ray Train echoes a worker's stdout twice on the driver)."""
+    log = logging.getLogger("earthray.train")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[earthray] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
 def _sensors(config: dict) -> list[Sensor]:
     return [Sensor.model_validate(s) for s in config["sensors"]]
 
@@ -70,6 +84,7 @@ def train_loop(config: dict) -> None:
     sensors = _sensors(config)
     recipe = create_recipe(spec.recipe, sensors, spec.preset, **spec.model)
     strategy = make_strategy(recipe, spec)
+    log = _progress_logger()
 
     state = {"step": 0, "epoch": 0, "micro": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -78,7 +93,7 @@ def train_loop(config: dict) -> None:
             strategy.load(Path(d))
             state = json.loads((Path(d) / TRAINER_STATE).read_text())
         if rank == 0:
-            print(f"[earthray] resumed {spec.name} at step {state['step']}", flush=True)
+            log.info("resumed %s at step %d", spec.name, state["step"])
             tracking.log_metrics(config["tracking_uri"], config["run_id"], {"resumed_from_step": state["step"]},
                                  state["step"])
 
@@ -134,8 +149,8 @@ def train_loop(config: dict) -> None:
                 metrics = meter.summary(world, micro_since_log) | {"lr": strategy.lr, "epoch": epoch}
                 tracking.log_metrics(config["tracking_uri"], config["run_id"], metrics, step)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s"))
-                print(f"[earthray] {spec.name} step {step}/{spec.max_steps} {shown} "
-                      f"wait {metrics['data_wait_fraction']:.0%}", flush=True)
+                log.info("%s step %d/%d %s wait %.0f%%", spec.name, step, spec.max_steps, shown,
+                         100 * metrics["data_wait_fraction"])
                 meter.reset()
                 micro_since_log = 0
             if spec.tracking.preview_every and step % spec.tracking.preview_every == 0:
