@@ -189,3 +189,15 @@ def loss_before_after(model, batch: dict, steps: int = 30, lr: float = 2e-3, eva
     with torch.no_grad():
         after = at(eval_seed)
     return before, after
+
+
+def sgd_steps(model, batch: dict, steps: int = 2, lr: float = 0.05) -> None:
+    """A few plain SGD steps, leaving the last step's gradients in place for inspection.
+
+    Two by default: SwinV2 zero-initialises its post-norms, so block weights see gradients from step 2 on.
+    """
+    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=lr)
+    for step in range(steps):
+        optimiser.zero_grad()
+        loss_at(model, batch, seed=step)["loss"].backward()
+        optimiser.step()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import earthray.recipes.mars as mars_module
-from chips import loss_at, loss_before_after, real_chips
+from chips import loss_at, loss_before_after, real_chips, sgd_steps
 from earthray.recipes import create_recipe
 from earthray.sensors import get_sensor
 
@@ -55,12 +55,7 @@ def test_gradients_reach_every_trainable_parameter_and_never_the_teacher(batch):
     assert list(model.teacher.parameters()) == []
     assert not any(m.training for m in model.teacher.modules())
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
-    # SwinV2 zero-initialises its post-norms, so block weights see gradients from step 2 on.
-    for step in range(2):
-        optimiser.zero_grad()
-        loss_at(model, batch, seed=step)["loss"].backward()
-        optimiser.step()
+    sgd_steps(model, batch)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name

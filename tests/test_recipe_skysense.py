@@ -18,7 +18,7 @@ import torch
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
-from chips import SAMPLE, loss_at, loss_before_after, real_chips, sample_bands
+from chips import SAMPLE, loss_at, loss_before_after, real_chips, sample_bands, sgd_steps
 from earthray.recipes import count_parameters, create_recipe, resolve_config
 from earthray.recipes.skysense import assign_roles
 from earthray.sensors import get_sensor
@@ -109,12 +109,7 @@ def test_gradients_reach_the_student_and_never_the_teacher_or_prototypes(batch):
     assert not model.prototypes.prototypes.requires_grad
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     protos_before = model.prototypes.prototypes.detach().clone()
-    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
-    # SwinV2 zero-initialises its post-norms, so block weights see gradients from step 2 on.
-    for step in range(2):
-        optimiser.zero_grad()
-        loss_at(model, batch, seed=step)["loss"].backward()
-        optimiser.step()
+    sgd_steps(model, batch)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, name
