@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/earthray ingest jobs/ingest-sample.yaml
-	$(VENV)/bin/earthray pretrain jobs/pretrain-ofa-tiny.yaml
+	$(VENV)/bin/earthray quickstart
 
 test: $(STAMP)
 	$(VENV)/bin/pytest

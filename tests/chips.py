@@ -201,3 +201,23 @@ def sgd_steps(model, batch: dict, steps: int = 2, lr: float = 0.05) -> None:
         optimiser.zero_grad()
         loss_at(model, batch, seed=step)["loss"].backward()
         optimiser.step()
+
+
+@functools.lru_cache(maxsize=4)
+def real_land_cover(size: int = 32, extent: int = 384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real Landsat 7 chips (n, 6, size, size), normalised, and the strata land-cover labels
+    reprojected onto them (n, size, size): classes 0..6, -1 unlabelled."""
+    from rasterio.warp import reproject
+
+    files = [SAMPLE / f"landsat7_nc/lsat7_2000_{b}.tif" for b in (10, 20, 30, 40, 50, 70)]
+    stack = np.stack([rasterio.open(f).read(1).astype(np.float32) for f in files])
+    with rasterio.open(files[0]) as img, rasterio.open(SAMPLE / "landsat7_nc/strata.tif") as lab:
+        labels = np.full((img.height, img.width), -99999, np.float32)
+        reproject(lab.read(1), labels, src_transform=lab.transform, src_crs=lab.crs, src_nodata=-99999,
+                  dst_transform=img.transform, dst_crs=img.crs, dst_nodata=-99999, resampling=Resampling.nearest)
+    sensor = get_sensor("landsat7_etm").select(["B1", "B2", "B3", "B4", "B5", "B7"])
+    x = torch.from_numpy(sensor.normalise(np.clip(stack, 0, 255)))[:, :extent, :extent]
+    y = torch.from_numpy(np.where(labels == -99999, -1, labels - 1).astype(np.int64))[:extent, :extent]
+    xs = x.unfold(1, size, size).unfold(2, size, size).permute(1, 2, 0, 3, 4).reshape(-1, 6, size, size)
+    ys = y.unfold(0, size, size).unfold(1, size, size).reshape(-1, size, size)
+    return xs.contiguous(), ys.contiguous()

@@ -1,12 +1,10 @@
 """Task heads on real recipe features: shapes, missing sensors, and that they can fit real labels."""
 
-import numpy as np
 import pytest
-import rasterio
 import torch
 import torch.nn.functional as F
 
-from chips import real_chips
+from chips import real_chips, real_land_cover
 from earthray.models.heads import ClassificationHead, FPNHead, fuse_sensors
 from earthray.recipes import create_recipe
 
@@ -38,24 +36,12 @@ def test_heads_on_recipe_features(recipe, sensors, kw):
     assert FPNHead(dims, 1)(feats, size=(32, 32)).shape == (4, 1, 32, 32)
 
 
-def test_fpn_head_fits_real_land_cover_labels(sample_dir):
+def test_fpn_head_fits_real_land_cover_labels():
     """On real Landsat 7 chips and the reprojected strata labels, a frozen tiny encoder + FPN head learns."""
-    from rasterio.enums import Resampling
-    from rasterio.warp import reproject
-
     from earthray.sensors import get_sensor
 
-    files = [sample_dir / f"landsat7_nc/lsat7_2000_{b}.tif" for b in (10, 20, 30, 40, 50, 70)]
-    stack = np.stack([rasterio.open(f).read(1).astype(np.float32) for f in files])
-    with rasterio.open(files[0]) as img, rasterio.open(sample_dir / "landsat7_nc/strata.tif") as lab:
-        labels = np.full((img.height, img.width), -99999, np.float32)
-        reproject(lab.read(1), labels, src_transform=lab.transform, src_crs=lab.crs, src_nodata=-99999,
-                  dst_transform=img.transform, dst_crs=img.crs, dst_nodata=-99999, resampling=Resampling.nearest)
+    xs, ys = real_land_cover()
     sensor = get_sensor("landsat7_etm").select(["B1", "B2", "B3", "B4", "B5", "B7"])
-    x = torch.from_numpy(sensor.normalise(np.clip(stack, 0, 255)))[:, :384, :384]
-    y = torch.from_numpy(np.where(labels == -99999, -1, labels - 1).astype(np.int64))[:384, :384]
-    xs = x.unfold(1, 32, 32).unfold(2, 32, 32).permute(1, 2, 0, 3, 4).reshape(-1, 6, 32, 32)
-    ys = y.unfold(0, 32, 32).unfold(1, 32, 32).reshape(-1, 32, 32)
     encoder = create_recipe("ofa", [sensor], "tiny").eval()
     with torch.no_grad():
         feats = fuse_sensors(encoder.encode({"landsat7_etm": xs}))

@@ -87,6 +87,10 @@ class Bundle:
     def head_spec(self) -> dict | None:
         return self.meta.get("head_spec")
 
+    def input_stats(self) -> dict[str, dict[str, list]]:
+        """Per sensor: band names with the mean/std the model was trained with (what pipelines feed it)."""
+        return {s.name: {"bands": s.band_names, **self.normalisation[s.name]} for s in self.sensors}
+
 
 # ---------------------------------------------------------------------------------------------- saving
 
@@ -314,6 +318,18 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def local_bundle(path: str | Path, tracking_uri: str | None = None) -> Path:
+    """A bundle folder for a folder or a registry URI (fetched into the local cache)."""
+    from earthray import registry
+
+    if registry.is_registry_uri(path):
+        try:
+            return registry.fetch(str(path), tracking_uri)
+        except (LookupError, ValueError) as e:
+            raise BundleError(str(e)) from None
+    return Path(path)
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """``bundle.json`` of the bundle at ``path``, checked (format version, required fields); no weights read."""
     path = Path(path)
@@ -364,12 +380,15 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Rebuild the bundle's model on ``device`` and load its weights strictly (after checking sha256s)."""
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> Bundle:
+    """Rebuild the bundle's model on ``device`` and load its weights strictly (after checking sha256s).
+
+    ``path`` is a bundle folder or a registry URI, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+    (looked up in ``tracking_uri``, default: ``MLFLOW_TRACKING_URI``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = local_bundle(path, tracking_uri)
     meta = verify_bundle(path)
     try:
         sensors = [Sensor.model_validate(s) for s in meta["sensors"]]

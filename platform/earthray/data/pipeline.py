@@ -42,7 +42,10 @@ class GroupReader:
     columns: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_manifest(cls, manifest: dict, group: str, max_dates: int = 16, seed: int = 0) -> GroupReader:
+    def from_manifest(cls, manifest: dict, group: str, max_dates: int = 16, seed: int = 0,
+                      normalisation: dict[str, dict] | None = None) -> GroupReader:
+        """``normalisation`` (sensor -> ``bands``, ``mean``, ``std``) replaces the manifest's statistics:
+        a model must be fed the statistics it was trained with, not those of the data at hand."""
         try:
             g = manifest["groups"][group]
         except KeyError:
@@ -52,11 +55,16 @@ class GroupReader:
             entry = manifest["sensors"][name]
             stats = {b["name"]: b["stats"] for b in entry["bands"]}
             bands = g["bands"][name]
-            sensors[name] = SensorNorm(
-                ValueTransform(**entry["transform"]),
-                np.array([stats[b]["mean"] for b in bands], np.float32),
-                np.array([max(stats[b]["std"], 1e-6) for b in bands], np.float32),
-            )
+            mean = [stats[b]["mean"] for b in bands]
+            std = [stats[b]["std"] for b in bands]
+            if normalisation is not None and name in normalisation:
+                given = normalisation[name]
+                if list(given["bands"]) != list(bands):
+                    raise ValueError(f"group {group!r}: sensor {name!r} has bands {bands}; the model expects "
+                                     f"{list(given['bands'])}")
+                mean, std = given["mean"], given["std"]
+            sensors[name] = SensorNorm(ValueTransform(**entry["transform"]), np.array(mean, np.float32),
+                                       np.maximum(np.array(std, np.float32), 1e-6))
             series[name] = g["tensors"][name]["shape"][0] is None
         columns = ["sample_id", "lon", "lat", "split"]
         for name in g["sensors"]:
@@ -143,13 +151,18 @@ def _decode_series(table, name, reader, norm, ids):
 
 
 def read_group(root: str | Path, group: str, split: str | None = None, *, max_dates: int = 16, seed: int = 0,
-               num_cpus: float = 0.5, manifest: dict | None = None):
-    """A streaming Ray Dataset of one group's decoded rows (optionally one split)."""
+               num_cpus: float = 0.5, manifest: dict | None = None, normalisation: dict[str, dict] | None = None,
+               labels: bool = True):
+    """A streaming Ray Dataset of one group's decoded rows (optionally one split); ``normalisation``
+    as in ``GroupReader.from_manifest``; ``labels=False`` leaves labels out (self-supervised pretraining)."""
     import ray.data
     from ray.data.expressions import col
 
     manifest = manifest or load_manifest(root)
-    reader = GroupReader.from_manifest(manifest, group, max_dates, seed)
+    reader = GroupReader.from_manifest(manifest, group, max_dates, seed, normalisation)
+    if not labels and reader.label:
+        reader.label = False
+        reader.columns.remove("label")
     files = [str(Path(root) / f) for f in manifest["groups"][group]["files"]]
     if not files:
         raise ValueError(f"{root}: group {group!r} has no shards (every scene quarantined?)")

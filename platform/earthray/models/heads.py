@@ -48,13 +48,15 @@ class FPNHead(nn.Module):
 
     ``out_channels`` classes for segmentation, 1 (or more) for pixel regression; outputs are
     resized to ``size``, the input image's, so labels are compared at full resolution.
+    GroupNorm, not BatchNorm: no running statistics that differ between data-parallel workers
+    (rank 0's would be exported) or between training and inference batch sizes.
     """
 
     def __init__(self, in_dims: list[int], out_channels: int, channels: int = 64):
         super().__init__()
         self.lateral = nn.ModuleList([nn.Conv2d(d, channels, 1) for d in in_dims])
         self.smooth = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.ReLU(inplace=True))
             for _ in in_dims])
         self.classifier = nn.Conv2d(channels * len(in_dims), out_channels, 1)
 
@@ -67,3 +69,27 @@ class FPNHead(nn.Module):
         merged = torch.cat([F.interpolate(s(x), size=finest, mode="bilinear", align_corners=False)
                             for s, x in zip(self.smooth, lat)], dim=1)
         return F.interpolate(self.classifier(merged), size=size, mode="bilinear", align_corners=False)
+
+
+class ChangeHead(nn.Module):
+    """Siamese change decoder: per level, the two dates' features and their absolute difference,
+    then an FPN to per-pixel change logits (both dates pass through the same encoder)."""
+
+    def __init__(self, in_dims: list[int], out_channels: int = 2, channels: int = 64):
+        super().__init__()
+        self.fpn = FPNHead([2 * d for d in in_dims], out_channels, channels)
+
+    def forward(self, before: list[torch.Tensor], after: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return self.fpn([torch.cat([(a - b).abs(), (a + b) / 2], dim=1) for b, a in zip(before, after)], size)
+
+
+HEADS = {"classification": ClassificationHead, "fpn": FPNHead, "change": ChangeHead}
+
+
+def create_head(kind: str, in_dims: list[int], out_channels: int, **kwargs) -> nn.Module:
+    """A head by name (``classification``, ``fpn``, ``change``): what a bundle's ``head_spec`` rebuilds."""
+    try:
+        cls = HEADS[kind]
+    except KeyError:
+        raise KeyError(f"unknown head {kind!r}; known: {', '.join(HEADS)}") from None
+    return cls(in_dims, out_channels, **kwargs)

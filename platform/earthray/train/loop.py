@@ -23,7 +23,7 @@ from earthray.data.pipeline import interleave
 from earthray.recipes import create_recipe
 from earthray.sensors import Sensor
 from earthray.train.preview import save_previews
-from earthray.train.spec import PretrainSpec
+from earthray.train.spec import FinetuneSpec, PretrainSpec, TrainSpec
 from earthray.train.strategy import make_strategy
 
 TRAINER_STATE = "trainer_state.json"
@@ -54,6 +54,38 @@ class _Meter:
         return metrics
 
 
+class EpochCache:
+    """Keeps a worker's batches of a small group in memory after its first full epoch.
+
+    Every epoch of a Ray Data stream starts a new streaming execution (seconds on a small
+    machine), which dominates when a group holds only a few batches (a labelled fine-tuning
+    set, the sample data). Batches repeat in the same order, as a resumed epoch expects;
+    augmentation is applied afterwards, so epochs still differ.
+    """
+
+    def __init__(self, limit_mb: float):
+        self.limit = limit_mb * 2**20
+        self.kept: dict[str, list] = {}
+        self.too_big: set[str] = set()
+
+    def __call__(self, name: str, make_stream):
+        if name in self.kept:
+            yield from self.kept[name]
+            return
+        batches, size = [], 0
+        for batch in make_stream():
+            if name not in self.too_big:
+                size += sum(v.numel() * v.element_size() for v in batch.values())
+                if size > self.limit:
+                    self.too_big.add(name)
+                    batches = []
+                else:
+                    batches.append(batch)
+            yield batch
+        if name not in self.too_big:
+            self.kept[name] = batches
+
+
 def _progress_logger() -> logging.Logger:
     """Worker progress lines on stderr (Ray Train echoes a worker's stdout twice on the driver)."""
     log = logging.getLogger("earthray.train")
@@ -70,20 +102,50 @@ def _sensors(config: dict) -> list[Sensor]:
     return [Sensor.model_validate(s) for s in config["sensors"]]
 
 
+def build_model(config: dict) -> tuple[TrainSpec, torch.nn.Module]:
+    """The job's spec and model: a recipe to pretrain, or a bundle's encoder with a task head."""
+    if config.get("kind") == "finetune":
+        from earthray.bundle import load_bundle
+        from earthray.recipes.finetune import TaskModel, TaskSpec
+
+        spec = FinetuneSpec.model_validate(config["spec"])
+        torch.manual_seed(spec.seed)
+        return spec, TaskModel.from_bundle(load_bundle(config["bundle_path"]), TaskSpec.model_validate(config["task"]))
+    spec = PretrainSpec.model_validate(config["spec"])
+    torch.manual_seed(spec.seed)
+    return spec, create_recipe(spec.recipe, _sensors(config), spec.preset, **spec.model)
+
+
+def evaluate_shards(strategy, shards: dict, batch_size: int, rank: int, world: int,
+                    cache: EpochCache | None = None) -> dict[str, float]:
+    """The task's torchmetrics over the held-out split, reduced across workers.
+
+    Every worker streams the whole (unsplit) held-out set and scores every ``world``-th batch:
+    Ray Train's split drops rows to even out shards, which would change the metrics."""
+    model = strategy.module
+    metrics = model.metrics()
+    model.eval()
+    cache = cache or EpochCache(0)
+    for name, shard in shards.items():
+        for i, batch in enumerate(cache(name, lambda shard=shard: shard.iter_torch_batches(batch_size=batch_size))):
+            if i % world == rank:
+                model.update_metrics(metrics, strategy._cast(batch))
+    model.train()
+    return {f"val_{k}": float(v) for k, v in metrics.compute().items()}
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     from safetensors.torch import save_file
 
     from earthray.train import tracking
 
-    spec = PretrainSpec.model_validate(config["spec"])
+    spec, model = build_model(config)
     torch.set_num_threads(max(1, int(spec.workers.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(spec.seed)
     sensors = _sensors(config)
-    recipe = create_recipe(spec.recipe, sensors, spec.preset, **spec.model)
-    strategy = make_strategy(recipe, spec)
+    strategy = make_strategy(model, spec)
     log = _progress_logger()
 
     state = {"step": 0, "epoch": 0, "micro": 0}
@@ -98,9 +160,13 @@ def train_loop(config: dict) -> None:
                                  state["step"])
 
     shards = {g: ray.train.get_dataset_shard(g) for g in spec.data.groups}
+    held_out = {g: ray.train.get_dataset_shard(f"eval.{g}") for g in spec.data.groups} \
+        if isinstance(spec, FinetuneSpec) else {}
     names = [s.name for s in sensors]
     step, epoch, skip = state["step"], state["epoch"], state["micro"]
     meter, accum, micro_since_log = _Meter(), 0, 0
+    latest: dict[str, float] = {}
+    cache, eval_cache = EpochCache(spec.data.cache_mb), EpochCache(spec.data.cache_mb)
 
     def report(final: bool) -> None:
         weights = strategy.full_state_dict()  # collective under ZeRO-3: every rank takes part
@@ -111,11 +177,11 @@ def train_loop(config: dict) -> None:
                 save_file({k: v.contiguous() for k, v in weights.items()}, str(d / WEIGHTS))
                 (d / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": epoch, "micro": micro}))
             has_files = any(d.iterdir())
-            ray.train.report({"step": step, "epoch": epoch, "final": final},
+            ray.train.report({"step": step, "epoch": epoch, "final": final, **latest},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
     while step < spec.max_steps:
-        streams = {g: shards[g].iter_torch_batches(batch_size=bs, drop_last=True)
+        streams = {g: cache(g, lambda g=g, bs=bs: shards[g].iter_torch_batches(batch_size=bs, drop_last=True))
                    for g, bs in spec.data.groups.items()}
         stream = iter(interleave(streams))
         micro, seen = 0, 0
@@ -151,9 +217,17 @@ def train_loop(config: dict) -> None:
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s"))
                 log.info("%s step %d/%d %s wait %.0f%%", spec.name, step, spec.max_steps, shown,
                          100 * metrics["data_wait_fraction"])
+                latest.update({k: v for k, v in metrics.items() if k in ("loss", "lr")})
                 meter.reset()
                 micro_since_log = 0
-            if spec.tracking.preview_every and step % spec.tracking.preview_every == 0:
+            if held_out and ((spec.eval.every and step % spec.eval.every == 0) or step == spec.max_steps):
+                scores = evaluate_shards(strategy, held_out, spec.eval.batch_size, rank, world, eval_cache)
+                latest.update(scores)
+                if rank == 0:
+                    tracking.log_metrics(config["tracking_uri"], config["run_id"], scores, step)
+                    log.info("%s step %d %s", spec.name, step, " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            if spec.tracking.preview_every and step % spec.tracking.preview_every == 0 and hasattr(strategy.module,
+                                                                                                   "reconstruct"):
                 recons = strategy.reconstruct(batch)
                 if rank == 0 and recons:
                     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ from earthray.runtime import ensure_ray
 from earthray.sensors import Sensor, default_catalogue
 from earthray.train import tracking
 from earthray.train.loop import WEIGHTS, train_loop
-from earthray.train.spec import PretrainSpec
+from earthray.train.spec import PretrainSpec, TrainSpec
 
 
 @dataclass
@@ -51,38 +51,50 @@ def sensors_of(manifest: dict, groups: list[str]) -> list[Sensor]:
     return out
 
 
-def pretrain(spec: PretrainSpec) -> PretrainResult:
-    """Train (or resume) ``spec.name``; returns where its checkpoint, bundle and MLflow run are."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def fit(spec: TrainSpec, loop_config: dict, datasets: dict, run_id: str, callbacks: list | None = None,
+        split: list[str] | None = None):
+    """Run ``train_loop`` on Ray Train workers for ``spec``; the MLflow run is marked failed if it fails.
+
+    ``split``: the datasets sharded across workers (default all); the others reach every worker whole."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    w = spec.workers
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**loop_config, "spec": spec.model_dump(), "run_id": run_id,
+                           "tracking_uri": spec.tracking_uri},
+        scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
+                                     resources_per_worker={"CPU": w.cpus_per_worker, **w.resources}),
+        run_config=RunConfig(name=spec.name, storage_path=spec.storage_path,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+                             callbacks=callbacks),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=split if split is not None else "all"),
+    )
+    try:
+        return trainer.fit()
+    except Exception:
+        tracking.close_run(spec.tracking_uri, run_id, ok=False)
+        raise
+
+
+def pretrain(spec: PretrainSpec, callbacks: list | None = None) -> PretrainResult:
+    """Train (or resume) ``spec.name``; returns where its checkpoint, bundle and MLflow run are."""
     get_recipe_class(spec.recipe)
     manifest = load_manifest(spec.data.root)
     sensors = sensors_of(manifest, list(spec.data.groups))
     config = resolve_config(spec.recipe, spec.preset, **spec.model)
     ensure_ray(spec.address, preserve_order=True)
     datasets = {g: read_group(spec.data.root, g, spec.data.split, max_dates=spec.data.max_dates, seed=spec.seed,
-                              num_cpus=spec.data.decode_cpus, manifest=manifest) for g in spec.data.groups}
+                              num_cpus=spec.data.decode_cpus, manifest=manifest, labels=False)
+                for g in spec.data.groups}
     workdir = Path(spec.workdir)
     run_id = tracking.open_run(spec.tracking_uri, spec.tracking.experiment, spec.name, spec.model_dump(),
                                workdir / "mlartifacts")
-    w = spec.workers
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec.model_dump(), "sensors": [s.model_dump() for s in sensors],
-                           "run_id": run_id, "tracking_uri": spec.tracking_uri},
-        scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
-                                     resources_per_worker={"CPU": w.cpus_per_worker, **w.resources}),
-        run_config=RunConfig(name=spec.name, storage_path=spec.storage_path,
-                             failure_config=FailureConfig(max_failures=spec.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints)),
-        datasets=datasets,
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracking.close_run(spec.tracking_uri, run_id, ok=False)
-        raise
+    result = fit(spec, {"kind": "pretrain", "sensors": [s.model_dump() for s in sensors]}, datasets, run_id,
+                 callbacks)
     checkpoint = Path(result.checkpoint.path)
     bundle = export_bundle(spec, sensors, config.model_dump(), checkpoint, run_id, workdir / "bundles" / spec.name)
     tracking.log_artifact(spec.tracking_uri, run_id, bundle, "bundle")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from earthray.config import StrictModel, load_yaml
+from earthray.recipes.finetune import TaskSpec
 
 
 class DataSpec(StrictModel):
@@ -17,6 +19,8 @@ class DataSpec(StrictModel):
     max_dates: int = Field(8, ge=1, description="dates sampled per time series")
     augment: bool = True
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data decode task")
+    cache_mb: float = Field(512, ge=0, description="per worker and group: keep a group's batches in memory after "
+                            "one epoch when they fit (small sets skip a stream restart per epoch); 0: never")
 
 
 class OptimSpec(StrictModel):
@@ -45,18 +49,17 @@ class WorkersSpec(StrictModel):
 
 
 class TrackingSpec(StrictModel):
-    tracking_uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
     experiment: str = "earthray-pretrain"
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(0, ge=0, description="reconstruction preview PNGs every N steps (0: off)")
 
 
-class PretrainSpec(StrictModel):
+class TrainSpec(StrictModel):
+    """What every training job has: data, optimiser, distribution, workers, tracking, steps, checkpoints."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run name: starting it again resumes it")
     workdir: str = "work"
-    recipe: str
-    preset: str = "tiny"
-    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe preset")
     data: DataSpec
     optim: OptimSpec = OptimSpec()
     strategy: StrategySpec = StrategySpec()
@@ -70,7 +73,7 @@ class PretrainSpec(StrictModel):
     address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
 
     @model_validator(mode="after")
-    def _precision_available(self) -> PretrainSpec:
+    def _precision_available(self) -> TrainSpec:
         if self.strategy.precision == "fp16" and not self.workers.use_gpu:
             raise ValueError("strategy.precision: fp16 needs GPUs; on CPU use bf16 or fp32")
         return self
@@ -81,15 +84,51 @@ class PretrainSpec(StrictModel):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.tracking_uri or f"sqlite:///{Path(self.workdir, 'mlflow.db').resolve()}"
+        return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{Path(self.workdir, 'mlflow.db').resolve()}")
+
+
+class PretrainSpec(TrainSpec):
+    recipe: str
+    preset: str = "tiny"
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the recipe preset")
+
+
+class EvalSpec(StrictModel):
+    split: str = Field("val", description="held-out split the metrics are computed on")
+    every: int = Field(0, ge=0, description="also evaluate every N steps (0: only at the end)")
+    batch_size: int = Field(32, ge=1)
+
+
+class RegisterSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name in the MLflow registry")
+    aliases: list[str] = Field(default_factory=lambda: ["latest-finetune"],
+                               description="aliases pointing at the new version, e.g. champion")
+
+
+class FinetuneSpec(TrainSpec):
+    bundle: str = Field(description="pretrained bundle: a folder or a models:/NAME@ALIAS registry URI")
+    task: TaskSpec
+    eval: EvalSpec = EvalSpec()
+    registry: RegisterSpec | None = Field(None, description="register the result in the MLflow Model Registry")
+    tracking: TrackingSpec = TrackingSpec(experiment="earthray-finetune")
+
+
+def load_train_spec(path: str | Path, cls: type[TrainSpec]) -> TrainSpec:
+    """Load a spec; ``workdir``, ``data.root`` and a bundle folder are relative to the spec file."""
+    spec = load_yaml(path, cls)
+    base = Path(path).resolve().parent
+    targets = [(spec, "workdir"), (spec.data, "root")] + ([(spec, "bundle")] if isinstance(spec, FinetuneSpec) else [])
+    for obj, attr in targets:
+        value = getattr(obj, attr)
+        if "://" not in value and not value.startswith("models:/"):
+            setattr(obj, attr, str((base / value).resolve()))
+    return spec
 
 
 def load_pretrain_spec(path: str | Path) -> PretrainSpec:
-    """Load a spec; ``workdir`` and ``data.root`` are relative to the spec file."""
-    spec = load_yaml(path, PretrainSpec)
-    base = Path(path).resolve().parent
-    for obj, attr in ((spec, "workdir"), (spec.data, "root")):
-        value = getattr(obj, attr)
-        if "://" not in value:
-            setattr(obj, attr, str((base / value).resolve()))
-    return spec
+    return load_train_spec(path, PretrainSpec)
+
+
+def load_finetune_spec(path: str | Path) -> FinetuneSpec:
+    return load_train_spec(path, FinetuneSpec)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from earthray.train.optim import param_groups, warmup_cosine
-from earthray.train.spec import PretrainSpec
+from earthray.train.spec import TrainSpec
 
 STATE_FILE = "state.pt"
 DEEPSPEED_TAG = "state"
@@ -62,7 +62,7 @@ def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class DDPStrategy(Strategy):
-    def __init__(self, recipe: nn.Module, spec: PretrainSpec):
+    def __init__(self, recipe: nn.Module, spec: TrainSpec):
         import ray.train.torch
 
         self.spec = spec
@@ -72,7 +72,7 @@ class DDPStrategy(Strategy):
             recipe, parallel_strategy_kwargs={"find_unused_parameters": True, "broadcast_buffers": False})
         self.module = recipe
         o = spec.optim
-        self.optimizer = torch.optim.AdamW(param_groups(recipe, o.weight_decay), lr=o.lr, betas=o.betas)
+        self.optimizer = torch.optim.AdamW(param_groups(recipe, o.weight_decay, o.lr), lr=o.lr, betas=o.betas)
         self.scheduler = warmup_cosine(self.optimizer, o.warmup_steps, spec.max_steps, o.lr, o.min_lr)
         self.dtype = torch.bfloat16 if spec.strategy.precision == "bf16" else None
 
@@ -111,7 +111,7 @@ class DDPStrategy(Strategy):
 
 
 class DeepSpeedStrategy(Strategy):
-    def __init__(self, recipe: nn.Module, spec: PretrainSpec):
+    def __init__(self, recipe: nn.Module, spec: TrainSpec):
         import deepspeed  # imported here: it probes accelerators on import, which only workers should do
 
         self.spec = spec
@@ -133,7 +133,7 @@ class DeepSpeedStrategy(Strategy):
         }
         if o.clip_grad:
             config["gradient_clipping"] = o.clip_grad
-        groups = param_groups(recipe, o.weight_decay)
+        groups = param_groups(recipe, o.weight_decay, o.lr)
         if s.offload:  # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's C++ Adam (built on first use)
             optimizer = deepspeed.ops.adam.DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, adamw_mode=True)
         else:
@@ -177,5 +177,5 @@ class DeepSpeedStrategy(Strategy):
             return _fp32(self.module.state_dict())
 
 
-def make_strategy(recipe: nn.Module, spec: PretrainSpec) -> Strategy:
+def make_strategy(recipe: nn.Module, spec: TrainSpec) -> Strategy:
     return (DeepSpeedStrategy if spec.strategy.name == "deepspeed" else DDPStrategy)(recipe, spec)

@@ -6,6 +6,7 @@ restarted after a failure, or a resumed job, keeps writing to the same run.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
         for k, v in data.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
-    return {prefix.rstrip("."): str(data)[:6000]}
+    return {re.sub(r"[^\w\-. :/]", "_", prefix.rstrip(".")): str(data)[:6000]}  # MLflow's key charset
 
 
 def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], artifact_root: Path) -> str:
@@ -34,8 +35,10 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], a
 
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
+    # A local store keeps artifacts beside the workdir; a tracking server decides where its artifacts go.
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=(artifact_root / experiment).resolve().as_uri())
+        experiment, artifact_location=(artifact_root / experiment).resolve().as_uri() if local else None)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1,
                                order_by=["attributes.start_time DESC"])
     if found:

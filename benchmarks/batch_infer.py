@@ -1,0 +1,154 @@
+"""Batch inference: windows/s through Ray Data + the actor pool against the bare model, and peak memory
+for scenes 1x, 4x and 16x the size of the real Landsat 7 sample (it must stay flat).
+
+    python benchmarks/batch_infer.py [--sizes 1 2 4] [--batch 32] [--actors 1]
+
+Scenes: the real six-band Landsat 7 scene (489 x 443), tiled ``k`` x ``k`` (``k`` = 1, 2, 4: 1x, 4x, 16x the
+area) with its georeferencing extended. Each size runs ``earthray.serve.infer`` in a fresh process with
+its own local Ray, so peaks do not carry over; a sampler thread records the resident memory (RSS) of the
+driver and the largest summed RSS of all Ray worker processes (read tasks + model actor) during the run.
+The bare model reads the same windows of the 1x scene in one process (``Predictor.forward``, batches of
+``--batch``, one torch thread) with the same normalisation; its windows/s is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]
+FILES = [str(ROOT / f"data/sample/landsat7_nc/lsat7_2000_{b}.tif") for b in (10, 20, 30, 40, 50, 70)]
+
+
+def tiled_scene(path: Path, k: int) -> Path:
+    from earthray.io import Grid, open_scene, write_raster
+
+    with open_scene(FILES) as scene:
+        data, valid = scene.read()
+        grid = scene.grid
+    data = np.tile(np.where(valid, data, np.float32(-99999)), (1, k, k))
+    big = Grid(grid.crs, grid.transform, grid.width * k, grid.height * k)
+    return write_raster(path, data, big, nodata=-99999, band_names=L7)
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of this process and of the Ray worker processes (summed), sampled every 0.2 s."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.driver = self.workers = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
+            total = 0
+            for p in me.children(recursive=True):
+                try:
+                    if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
+                        total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.workers = max(self.workers, total)
+            time.sleep(0.2)
+
+
+def run_one(bundle: str, scene: str, out: str, batch: int, actors: int) -> None:
+    """One inference run (in its own process); prints JSON."""
+    import ray
+
+    from earthray.serve.infer import InferSpec, infer
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    sampler = Sampler()
+    sampler.start()
+    spec = InferSpec(model=bundle, scenes=[scene], output=out, batch_size=batch, actors=actors, actor_cpus=1,
+                     read_cpus=0.5, cog=False)
+    result = infer(spec)
+    sampler.stop.set()
+    sampler.join()
+    [r] = result.scenes
+    assert r.status == "done", r
+    print(json.dumps({"windows": result.windows, "seconds": result.seconds, "driver_rss": sampler.driver,
+                      "workers_rss": sampler.workers}))
+    ray.shutdown()
+
+
+def bare(bundle: str, scene: str, batch: int) -> dict:
+    import torch
+    from rasterio.windows import Window
+
+    from earthray.io import open_scene
+    from earthray.serve.predictor import Predictor, prepare, tile_starts
+
+    torch.set_num_threads(1)
+    p = Predictor.load("bench", bundle, device="cpu")
+    s = p.info.input_size
+    start = time.perf_counter()
+    n = 0
+    with open_scene(scene) as sc:
+        windows = [(r, c) for r in tile_starts(sc.grid.height, s, 0.25) for c in tile_starts(sc.grid.width, s, 0.25)]
+        for i in range(0, len(windows), batch):
+            images = []
+            for r, c in windows[i:i + batch]:
+                data, valid = sc.read(Window(c, r, s, s))
+                images.append(prepare(p.info, data, valid, None, nan_is_nodata=True, require_valid=False))
+            p.forward({k: np.stack([im[k] for im in images]) for k in images[0]})
+            n += len(images)
+    wall = time.perf_counter() - start
+    return {"windows": n, "seconds": wall, "windows_per_s": n / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="tile factors (area x k^2)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--actors", type=int, default=1)
+    ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        run_one(*args.one, args.batch, args.actors)
+        return
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import make_bundle
+
+    with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
+        tmp = Path(tmp)
+        bundle = str(make_bundle(tmp / "bundle", "segmentation"))
+        scenes = {k: str(tiled_scene(tmp / f"scene_x{k * k}.tif", k)) for k in args.sizes}
+        base = bare(bundle, scenes[args.sizes[0]], args.batch)
+        print(f"bare model (read + normalise + forward, 1 torch thread): {base['windows_per_s']:.1f} windows/s "
+              f"over {base['windows']} windows of the {args.sizes[0] ** 2}x scene", flush=True)
+        rows = []
+        for k in args.sizes:
+            out = subprocess.run([sys.executable, __file__, "--one", bundle, scenes[k], str(tmp / f"out{k}"),
+                                  "--batch", str(args.batch), "--actors", str(args.actors)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"run x{k * k} failed:\n{out.stderr[-3000:]}")
+            rows.append((k, json.loads(out.stdout.strip().splitlines()[-1])))
+            print(f"x{k * k} done", flush=True)
+    print(f"\n{'scene':>6} {'pixels':>10} {'windows':>8} {'seconds':>8} {'win/s':>7} {'vs bare':>8} "
+          f"{'driver peak MB':>15} {'workers peak MB':>16}")
+    for k, r in rows:
+        wps = r["windows"] / r["seconds"]
+        print(f"{'x' + str(k * k):>6} {489 * 443 * k * k:>10} {r['windows']:>8} {r['seconds']:>8.1f} {wps:>7.1f} "
+              f"{wps / base['windows_per_s']:>8.2f} {r['driver_rss'] / 2**20:>15.0f} {r['workers_rss'] / 2**20:>16.0f}")
+    print("seconds include Ray Data start-up and actor start (model load); the bare model's do not.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Online serving under load: the Serve app (dynamic batching) against the bare model at the same batch size.
+
+    python benchmarks/serve_load.py [--requests 400] [--concurrency 16] [--batch 8] [--task classification]
+
+Starts its own local Ray and Serve (a free loopback port) with one Gateway and one ModelServer replica
+(one CPU for the model, one torch thread), hosting a tiny OFA fine-tuned head (random weights) built
+here. A second process sends ``--requests`` real Landsat 7 chips (32x32, six bands, ``.npy``) with
+``--concurrency`` in flight over HTTP on loopback and reports p50/p99 latency and throughput. The bare
+model runs the same chips, normalised, through ``Predictor.forward`` in batches of ``--batch`` in this
+process (one torch thread). Reported: requests/s vs images/s and their ratio (target >= 0.7), plus the
+same app without batching (``max_batch_size: 1``) for contrast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]
+FILES = [str(ROOT / f"data/sample/landsat7_nc/lsat7_2000_{b}.tif") for b in (10, 20, 30, 40, 50, 70)]
+
+
+def chips(n: int, size: int = 32) -> np.ndarray:
+    """``n`` real chips (uint8 DN, 0 where invalid) cut from the Landsat 7 sample."""
+    from earthray.io import open_scene
+
+    with open_scene(FILES) as scene:
+        data, valid = scene.read()
+    data = np.where(valid, data, 0).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    h, w = data.shape[1:]
+    out = []
+    while len(out) < n:
+        r, c = rng.integers(40, h - 40 - size), rng.integers(60, w - 40 - size)
+        out.append(data[:, r:r + size, c:c + size])
+    return np.stack(out)
+
+
+def make_bundle(path: Path, task: str) -> Path:
+    import torch
+
+    from earthray.bundle import save_bundle
+    from earthray.recipes import create_recipe
+    from earthray.recipes.finetune import TaskModel, TaskSpec
+    from earthray.sensors import get_sensor
+
+    torch.manual_seed(0)
+    sensor = get_sensor("landsat7_etm").select(L7)
+    model = TaskModel(create_recipe("ofa", [sensor], "tiny"),
+                      TaskSpec(task=task, classes=[f"class_{i}" for i in range(1, 8)]), 32)
+    norm = {"landsat7_etm": {"mean": [b.mean for b in sensor.bands], "std": [b.std for b in sensor.bands]}}
+    return save_bundle(path, model.encoder, recipe="ofa", preset="tiny", config=model.encoder.config, sensors=[sensor],
+                       normalisation=norm, input_size=32, head=model.head, head_spec=model.head_spec,
+                       classes=model.spec.classes)
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- the client process
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, warmup: int) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
+        async def one(body: bytes, record: bool) -> None:
+            async with sem:
+                t = time.perf_counter()
+                r = await client.post(url, content=body, headers={"content-type": "application/x-npy"})
+                if record:
+                    latencies.append(time.perf_counter() - t)
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+
+        await asyncio.gather(*(one(b, False) for b in bodies[:warmup]))
+        start = time.perf_counter()
+        await asyncio.gather(*(one(b, True) for b in bodies[warmup:]))
+        wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {"requests": len(lat), "seconds": wall, "rps": len(lat) / wall, "codes": codes,
+            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+
+def client_main(url: str, n: int, concurrency: int, warmup: int) -> None:
+    bodies = [npy(c) for c in chips(n + warmup)]
+    print(json.dumps(asyncio.run(_load(url, bodies, concurrency, warmup))))
+
+
+# ---------------------------------------------------------------------------------------------- the server side
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config(folder: Path, bundle: Path, port: int, batch: int, concurrency: int) -> Path:
+    path = folder / f"serve-{batch}.yaml"
+    path.write_text(f"""
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+  - name: bench{batch}
+    route_prefix: /b{batch}
+    import_path: earthray.serve.app:build_app
+    args:
+      models: {{bench: {bundle}}}
+      max_batch_size: {batch}
+      batch_wait_timeout_s: 0.005
+      max_ongoing_requests: {max(batch, concurrency)}
+      max_queued_requests: -1
+    deployments:
+      - name: Gateway
+        num_replicas: 1
+        max_ongoing_requests: {concurrency * 2}
+        ray_actor_options: {{num_cpus: 0.5}}
+      - name: ModelServer
+        num_replicas: 1
+        ray_actor_options: {{num_cpus: 1, runtime_env: {{env_vars: {{OMP_NUM_THREADS: "1"}}}}}}
+""")
+    return path
+
+
+def bare(bundle: Path, images: np.ndarray, batch: int, repeats: int) -> dict:
+    import torch
+
+    from earthray.serve.predictor import Predictor, prepare
+
+    torch.set_num_threads(1)
+    p = Predictor.load("bench", bundle, device="cpu")
+    prepared = [prepare(p.info, c) for c in images]
+    batches = [{k: np.stack([x[k] for x in prepared[i:i + batch]]) for k in prepared[0]}
+               for i in range(0, len(prepared) - batch + 1, batch)]
+    p.forward(batches[0])
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for b in batches:
+            t = time.perf_counter()
+            p.forward(b)
+            times.append(time.perf_counter() - t)
+    wall = time.perf_counter() - start
+    return {"images_per_s": repeats * len(batches) * batch / wall, "batch_ms_p50": 1000 * statistics.median(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--task", default="classification", choices=["classification", "segmentation"])
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 contrast run")
+    ap.add_argument("--client", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        client_main(args.client, args.requests, args.concurrency, args.warmup)
+        return
+
+    import ray
+    from ray import serve
+
+    from earthray.serve.app import run_config
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        tmp = Path(tmp)
+        bundle = make_bundle(tmp / "bundle", args.task)
+        base = bare(bundle, chips(args.batch * 25), args.batch, repeats=4)
+        print(f"bare model: {base['images_per_s']:.1f} images/s at batch {args.batch} "
+              f"({base['batch_ms_p50']:.1f} ms per batch, 1 torch thread)", flush=True)
+        port = free_port()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        rows = []
+        try:
+            for batch in [args.batch] + ([] if args.no_unbatched else [1]):
+                run_config(serve_config(tmp, bundle, port, batch, args.concurrency), block=False,
+                           on_status=lambda m: None)
+                url = f"http://127.0.0.1:{port}/b{batch}/models/bench/predict"
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                out = subprocess.run([sys.executable, __file__, "--client", url, "--requests", str(args.requests),
+                                      "--concurrency", str(args.concurrency), "--warmup", str(args.warmup)],
+                                     capture_output=True, text=True, env=env, check=True)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append((batch, res))
+                serve.delete(f"bench{batch}")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.task} chips 6x32x32 (npy) over loopback")
+    print(f"{'max_batch_size':>14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8}  codes")
+    for batch, r in rows:
+        print(f"{batch:>14} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['rps'] / base['images_per_s']:>8.2f}  {r['codes']}")
+    print(f"{'bare model':>14} {base['images_per_s']:>8.1f}  (images/s at batch {args.batch}; target ratio >= 0.7)")
+
+
+if __name__ == "__main__":
+    main()

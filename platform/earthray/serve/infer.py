@@ -1,0 +1,543 @@
+"""Batch inference over whole scenes: Ray Data over windows, the model in an actor pool, stitched GeoTIFFs.
+
+``infer(spec)``:
+
+1. plans every scene on the driver (opens it, matches its bands to the model's by name, lists the
+   windows: ``input_size`` squares overlapping by ``overlap``, the last flush with the far edge; see
+   ``predictor.tile_starts``). A scene whose output already exists from the same model and settings is
+   skipped (resume); one that cannot be opened or has the wrong bands is reported as failed;
+2. streams the windows of all scenes through Ray Data: a read stage (tasks) reads each window with
+   ``earthray.io`` and normalises it exactly as the online app does (``predictor.prepare``; non-finite
+   pixels are missing, as in ingest), then ``map_batches`` with an actor pool runs the model
+   (``ActorPoolStrategy``, a GPU per actor when the cluster has GPUs);
+3. stitches on the driver: each window's output (class probabilities, or physical values) is added to a
+   strip buffer with a Hann weight (``predictor.blend_weight``) and normalised by the summed weights;
+   as soon as every window of a window row has arrived, the rows above the next window row are final
+   and are written (classes ``uint8``, 255 where the input is invalid; or ``float32`` values, NaN there).
+
+Memory is bounded by the windows in flight: Ray Data streams (its backpressure bounds the blocks in the
+object store), the actors hold one batch, and the driver holds, per scene being written, a strip of
+about ``input_size + stride`` rows of the scene's width (K float32 channels + weights), never the scene.
+Windows arrive in order (``preserve_order``), so the blending sums in a fixed order: runs are repeatable.
+
+Outputs per scene (in ``output``): ``<stem>.tif`` (COG by default) on the scene's CRS and transform,
+optionally ``<stem>.probabilities.tif`` and ``<stem>.chips.parquet`` (per window: position, centroid
+lon/lat, encoder embedding; for scene-level classification models this table, with class scores, is the
+output). Every file is written under a temporary name and renamed when complete, the class GeoTIFF
+last, so an existing ``<stem>.tif`` carrying this run's fingerprint means the scene is done.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from earthray.config import ConfigError, StrictModel, load_yaml
+from earthray.serve.predictor import (
+    NODATA_CLASS,
+    SCENE,
+    ModelInfo,
+    Predictor,
+    RequestError,
+    blend_weight,
+    pixel_valid,
+    prepare,
+    tile_starts,
+)
+
+FINGERPRINT_TAG = "EARTHRAY_INFER"
+
+
+class InferSpec(StrictModel):
+    """A batch-inference job. Paths are relative to the spec file."""
+
+    model: str = Field(description="fine-tuned bundle folder or models:/NAME@ALIAS / models:/NAME/VERSION")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ (default: "
+                                     "MLFLOW_TRACKING_URI)")
+    scenes: list[str | list[str]] = Field(min_length=1, description="files or globs; a list is one scene made "
+                                          "of one-band files (a band stack)")
+    bands: list[str] | None = Field(None, description="names of the scenes' bands, in file order, when the files "
+                                    "do not name them (default: the band descriptions)")
+    output: str = Field(description="folder for <stem>.tif (+ .probabilities.tif, .chips.parquet)")
+    overlap: float = Field(0.25, ge=0, lt=1, description="window overlap (fraction of the input size)")
+    batch_size: int = Field(16, ge=1, description="windows per forward pass")
+    windows_per_read: int = Field(32, ge=1, description="windows per read task")
+    actors: int = Field(1, ge=1, description="model actors")
+    actor_cpus: float = Field(1.0, gt=0)
+    read_cpus: float = Field(0.5, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    cog: bool = Field(True, description="write Cloud-Optimised GeoTIFFs")
+    probabilities: bool = Field(False, description="segmentation: also write per-class probabilities (float32)")
+    embeddings: bool = Field(False, description="also write per-window encoder embeddings with centroids (Parquet)")
+    overwrite: bool = Field(False, description="replace outputs another model or other settings wrote")
+    address: str | None = Field(None, description="Ray cluster address (default: local Ray)")
+
+    @field_validator("scenes")
+    @classmethod
+    def _no_empty_stacks(cls, v):
+        if any(isinstance(s, list) and not s for s in v):
+            raise ValueError("an empty band stack")
+        return v
+
+
+def load_infer_spec(path: str | Path) -> InferSpec:
+    path = Path(path)
+    spec = load_yaml(path, InferSpec)
+    base = path.parent
+
+    def rel(p: str) -> str:
+        return p if "://" in p or p.startswith("models:/") or Path(p).is_absolute() else str(base / p)
+
+    spec.model = rel(spec.model)
+    spec.output = rel(spec.output)
+    spec.scenes = [[rel(p) for p in s] if isinstance(s, list) else rel(s) for s in spec.scenes]
+    uri = spec.tracking_uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        spec.tracking_uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    return spec
+
+
+@dataclass
+class SceneResult:
+    scene: str
+    status: str
+    """done, skipped (done before) or failed"""
+    output: str | None = None
+    windows: int = 0
+    reason: str | None = None
+
+
+@dataclass
+class InferResult:
+    scenes: list[SceneResult] = field(default_factory=list)
+    windows: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    index: int
+    name: str
+    source: str | list[str]
+    order: list[int]
+    grid: Any
+    rows: list[int]
+    cols: list[int]
+    stem: str
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def _expand(entries: list[str | list[str]]) -> list[str | list[str]]:
+    out: list[str | list[str]] = []
+    for e in entries:
+        if isinstance(e, list):
+            out.append(e)
+        elif glob.has_magic(e):
+            found = sorted(glob.glob(e))
+            if not found:
+                raise ConfigError(f"scenes: {e!r} matches no file")
+            out += found
+        else:
+            out.append(e)
+    return out
+
+
+def _resolve_model(spec: InferSpec) -> tuple[str, ModelInfo, str]:
+    """The model pinned (an alias to its version), its contract, and a fingerprint of its weights."""
+    from earthray import registry
+    from earthray.bundle import local_bundle, read_meta
+
+    source = spec.model
+    try:
+        if registry.is_registry_uri(source):
+            name, version = registry.resolve(source, spec.tracking_uri)
+            source = f"{registry.SCHEME}{name}/{version}"
+        meta = read_meta(local_bundle(source, spec.tracking_uri))
+        info = ModelInfo.from_meta("model", source, meta)
+    except (LookupError, ValueError, OSError) as e:
+        raise ConfigError(f"model {spec.model}: {e}") from None
+    weights = {k: v["sha256"] for k, v in meta["weights"].items()}
+    return source, info, json.dumps(weights, sort_keys=True)
+
+
+def _fingerprint(spec: InferSpec, weights: str, order: list[int]) -> str:
+    keys = {"weights": weights, "overlap": spec.overlap, "probabilities": spec.probabilities,
+            "embeddings": spec.embeddings, "bands": order}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _outputs(spec: InferSpec, info: ModelInfo, stem: str) -> dict[str, Path]:
+    out = Path(spec.output)
+    files = {}
+    if info.task not in SCENE:
+        files["main"] = out / f"{stem}.tif"
+        if spec.probabilities and info.task == "segmentation":
+            files["probabilities"] = out / f"{stem}.probabilities.tif"
+    if spec.embeddings or info.task in SCENE:
+        files["chips"] = out / f"{stem}.chips.parquet"
+    return files
+
+
+def _done_before(files: dict[str, Path], fingerprint: str) -> bool | None:
+    """True: finished with this fingerprint; False: something else is there; None: nothing there."""
+    import pyarrow.parquet as pq
+    import rasterio
+
+    marker = files.get("main") or files["chips"]
+    if not marker.exists():
+        return None
+    try:
+        if marker.suffix == ".tif":
+            with rasterio.open(marker) as ds:
+                found = ds.tags().get(FINGERPRINT_TAG)
+        else:
+            found = (pq.read_schema(marker).metadata or {}).get(FINGERPRINT_TAG.encode(), b"").decode()
+    except Exception:  # unreadable: not ours to trust
+        return False
+    return found == fingerprint and all(p.exists() for p in files.values())
+
+
+def _plan(spec: InferSpec, info: ModelInfo, weights: str) -> tuple[list[_Plan], list[SceneResult], dict[int, str]]:
+    from earthray.io import RasterError, open_scene
+
+    plans, results, prints = [], [], {}
+    stems: dict[str, str] = {}
+    size = info.input_size
+    for i, source in enumerate(_expand(spec.scenes)):
+        name = source[0] if isinstance(source, list) else source
+        stem = Path(name).name.split(".")[0]
+        if stem in stems:
+            results.append(SceneResult(name, "failed", reason=f"output name {stem} collides with {stems[stem]}"))
+            continue
+        stems[stem] = name
+        try:
+            with open_scene(source, nodata=info.sensors[0].nodata) as scene:
+                grid, count, names = scene.grid, scene.count, scene.band_names
+            if spec.bands and len(spec.bands) != count:
+                raise RequestError(f"the spec names {len(spec.bands)} bands ({', '.join(spec.bands)}); the scene "
+                                   f"has {count}")
+            order = info.band_order(spec.bands or names, count)
+            if grid.height < size or grid.width < size:
+                raise RequestError(f"{grid.width}x{grid.height} is smaller than the model's input "
+                                   f"{size}x{size}")
+        except (RasterError, RequestError) as e:
+            results.append(SceneResult(name, "failed", reason=str(e)))
+            continue
+        files = _outputs(spec, info, stem)
+        fp = _fingerprint(spec, weights, order)
+        done = _done_before(files, fp)
+        if done:
+            results.append(SceneResult(name, "skipped", str(next(iter(files.values())))))
+            continue
+        if done is False and not spec.overwrite:
+            results.append(SceneResult(name, "failed", reason=f"{next(iter(files.values()))} exists from another "
+                                       "model or other settings (overwrite: true replaces it)"))
+            continue
+        prints[i] = fp
+        plans.append(_Plan(i, name, source, order, grid, tile_starts(grid.height, size, spec.overlap),
+                           tile_starts(grid.width, size, spec.overlap), stem))
+    return plans, results, prints
+
+
+# ---------------------------------------------------------------------------------------------- Ray Data stages
+
+
+def read_windows(batch: dict[str, np.ndarray], scenes: dict[int, dict], info: ModelInfo) -> dict[str, np.ndarray]:
+    """Read and normalise windows (a Ray Data task); a read error marks the window instead of failing the job."""
+    from rasterio.windows import Window
+
+    from earthray.io import RasterError, open_scene
+
+    size = info.input_size
+    n = len(batch["scene"])
+    keys = [s.name for s in info.sensors]
+    out: dict[str, Any] = {k: np.zeros((n, len(s.bands), size, size), np.float32) for k, s in zip(keys, info.sensors)}
+    out |= {f"{k}.valid": np.zeros((n, size, size), bool) for k in keys}
+    errors = [""] * n
+    opened: dict[int, Any] = {}
+    try:
+        for j in range(n):
+            i = int(batch["scene"][j])
+            try:
+                if i not in opened:
+                    opened[i] = open_scene(scenes[i]["source"], nodata=info.sensors[0].nodata)
+                data, valid = opened[i].read(Window(int(batch["col"][j]), int(batch["row"][j]), size, size))
+                order = scenes[i]["order"]
+                image = prepare(info, data[order], valid[order], None, nan_is_nodata=True, require_valid=False)
+            except (RasterError, RequestError) as e:
+                errors[j] = f"window at row {int(batch['row'][j])}, column {int(batch['col'][j])}: {e}"
+                continue
+            for k, v in image.items():
+                out[k][j] = v
+    finally:
+        for scene in opened.values():
+            scene.close()
+    return {"scene": batch["scene"], "row": batch["row"], "col": batch["col"], "error": np.array(errors, object),
+            **out}
+
+
+class WindowPredictor:
+    """The model in a Ray Data actor: prepared windows -> outputs (and embeddings)."""
+
+    def __init__(self, source: str, tracking_uri: str | None, embeddings: bool):
+        self.predictor = Predictor.load("model", source, tracking_uri, device="auto")
+        self.embeddings = embeddings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        info = self.predictor.info
+        keys = [s.name for s in info.sensors]
+        valid = pixel_valid(info, {f"{k}.valid": batch[f"{k}.valid"] for k in keys})
+        run = np.flatnonzero((batch["error"] == "") & valid.any(axis=(1, 2)))
+        n, size, k = len(batch["scene"]), info.input_size, len(info.outputs)
+        shape = (n, k) if info.task in SCENE else (n, k, size, size)
+        out = np.zeros(shape, np.float32)
+        emb = None
+        if len(run):
+            sub = {key: batch[key][run] for key in keys + [f"{k}.valid" for k in keys]}
+            o, e = self.predictor.forward(sub, embed=self.embeddings)
+            out[run] = o
+            if e is not None:
+                emb = np.zeros((n, e.shape[1]), np.float32)
+                emb[run] = e
+        result = {"scene": batch["scene"], "row": batch["row"], "col": batch["col"], "error": batch["error"],
+                  "valid": valid, "predicted": np.isin(np.arange(n), run), "out": out}
+        if self.embeddings:
+            result["embedding"] = emb if emb is not None else np.zeros((n, 1), np.float32)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- stitching
+
+
+class _Stitcher:
+    """One scene's outputs, written strip by strip as window rows complete."""
+
+    def __init__(self, plan: _Plan, info: ModelInfo, spec: InferSpec, fingerprint: str):
+        from earthray.io import RasterWriter
+
+        self.plan, self.info, self.spec = plan, info, spec
+        self.files = _outputs(spec, info, plan.stem)
+        self.size = info.input_size
+        self.weight = blend_weight(self.size)
+        self.pending = {r: len(plan.cols) for r in plan.rows}
+        self.next_row = 0  # index into plan.rows of the first window row still incomplete
+        self.base = 0      # first scene row not yet written
+        g = plan.grid
+        k = len(info.outputs)
+        self.acc = np.zeros((k, 0, g.width), np.float32)
+        self.wsum = np.zeros((0, g.width), np.float32)
+        self.valid = np.zeros((0, g.width), bool)
+        self.windows = 0
+        tags = {FINGERPRINT_TAG: fingerprint, "model": info.source, "task": info.task}
+        self.writers = {}
+        try:
+            if "main" in self.files:
+                if info.task == "segmentation":
+                    self.writers["main"] = RasterWriter(self.files["main"], g, 1, "uint8", NODATA_CLASS,
+                                                        tags | {"classes": json.dumps(info.classes)}, ["class"],
+                                                        cog=spec.cog)
+                else:
+                    self.writers["main"] = RasterWriter(self.files["main"], g, k, "float32", float("nan"), tags,
+                                                        info.outputs, cog=spec.cog)
+            if "probabilities" in self.files:
+                self.writers["probabilities"] = RasterWriter(self.files["probabilities"], g, k, "float32",
+                                                             float("nan"), tags, info.outputs, cog=spec.cog)
+        except BaseException:
+            self.abort()
+            raise
+        self.chips: list[dict] = []
+        self.fingerprint = fingerprint
+
+    @property
+    def complete(self) -> bool:
+        return self.next_row == len(self.plan.rows)
+
+    def add(self, row: int, col: int, out: np.ndarray, valid: np.ndarray, predicted: bool,
+            embedding: np.ndarray | None) -> None:
+        self.windows += 1
+        if "chips" in self.files:
+            self._chip(row, col, out, valid, predicted, embedding)
+        if "main" in self.files:
+            s = self.size
+            top = row + s - self.base
+            if top > self.wsum.shape[0]:
+                grow = top - self.wsum.shape[0]
+                self.acc = np.concatenate([self.acc, np.zeros((self.acc.shape[0], grow, self.acc.shape[2]),
+                                                              np.float32)], axis=1)
+                self.wsum = np.concatenate([self.wsum, np.zeros((grow, self.wsum.shape[1]), np.float32)])
+                self.valid = np.concatenate([self.valid, np.zeros((grow, self.valid.shape[1]), bool)])
+            r = row - self.base
+            self.valid[r:r + s, col:col + s] |= valid
+            if predicted:
+                self.acc[:, r:r + s, col:col + s] += out * self.weight
+                self.wsum[r:r + s, col:col + s] += self.weight
+        self.pending[row] -= 1
+        rows = self.plan.rows
+        while self.next_row < len(rows) and self.pending[rows[self.next_row]] == 0:
+            self.next_row += 1
+        if "main" in self.files:
+            limit = rows[self.next_row] if self.next_row < len(rows) else self.plan.grid.height
+            if limit > self.base:
+                self._flush(limit)
+
+    def _flush(self, limit: int) -> None:
+        from rasterio.windows import Window
+
+        n = limit - self.base
+        acc, wsum, valid = self.acc[:, :n], self.wsum[:n], self.valid[:n]
+        ok = valid & (wsum > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = acc / wsum
+        window = Window(0, self.base, self.plan.grid.width, n)
+        if self.info.task == "segmentation":
+            labels = out.argmax(0).astype(np.uint8)
+            labels[~ok] = NODATA_CLASS
+            self.writers["main"].write(window, labels)
+        else:
+            self.writers["main"].write(window, np.where(ok, out, np.nan).astype(np.float32))
+        if "probabilities" in self.writers:
+            self.writers["probabilities"].write(window, np.where(ok, out, np.nan).astype(np.float32))
+        self.acc, self.wsum, self.valid = self.acc[:, n:].copy(), self.wsum[n:].copy(), self.valid[n:].copy()
+        self.base = limit
+
+    def _chip(self, row, col, out, valid, predicted, embedding) -> None:
+        g, s = self.plan.grid, self.size
+        x, y = g.transform * (col + s / 2, row + s / 2)
+        entry = {"row": row, "col": col, "x": float(x), "y": float(y), "valid_fraction": float(valid.mean())}
+        if embedding is not None:
+            entry["embedding"] = embedding.astype(np.float32) if predicted else None
+        if self.info.task in SCENE:
+            entry["scores"] = out.astype(np.float32) if predicted else None
+            entry["class"] = self.info.classes[int(out.argmax())] if predicted else None
+        self.chips.append(entry)
+
+    def finish(self) -> SceneResult:
+        try:
+            if "chips" in self.files:
+                self._write_chips()
+            for key in ("probabilities", "main"):  # the class GeoTIFF last: its presence means done
+                if key in self.writers:
+                    self.writers.pop(key).close(ok=True)
+        except BaseException:
+            self.abort()
+            raise
+        return SceneResult(self.plan.name, "done", str(next(iter(self.files.values()))), self.windows)
+
+    def _write_chips(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from rasterio.warp import transform as warp_transform
+
+        g = self.plan.grid
+        xs = [c["x"] for c in self.chips]
+        ys = [c["y"] for c in self.chips]
+        if g.crs is not None and xs:
+            lons, lats = warp_transform(g.crs, "EPSG:4326", xs, ys)
+        else:
+            lons, lats = [float("nan")] * len(xs), [float("nan")] * len(xs)
+        columns = {k: [c[k] for c in self.chips] for k in self.chips[0]} if self.chips else {}
+        columns |= {"lon": list(lons), "lat": list(lats)}
+        table = pa.table({k: pa.array(v, type=pa.list_(pa.float32()) if k in ("embedding", "scores") else None)
+                          for k, v in columns.items()})
+        table = table.replace_schema_metadata({FINGERPRINT_TAG: self.fingerprint, "crs": g.crs_string(),
+                                               "window": str(self.size), "classes": json.dumps(self.info.classes)})
+        path = self.files["chips"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.close(ok=False)
+        self.writers = {}
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def infer(spec: InferSpec, on_scene: Callable[[SceneResult], None] | None = None,
+          on_windows: Callable[[int, int], None] | None = None) -> InferResult:
+    """Run batch inference; finished scenes are skipped, a scene that fails is reported and the rest go on."""
+    import ray
+    import ray.data
+
+    from earthray.runtime import ensure_ray
+
+    start = time.monotonic()
+    source, info, weights = _resolve_model(spec)
+    plans, results, prints = _plan(spec, info, weights)
+    for r in results:
+        if on_scene:
+            on_scene(r)
+    total = sum(len(p.rows) * len(p.cols) for p in plans)
+    result = InferResult(list(results))
+    if not plans:
+        result.seconds = time.monotonic() - start
+        return result
+
+    ensure_ray(spec.address)
+    gpus = spec.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    items = [{"scene": p.index, "row": r, "col": c} for p in plans for r in p.rows for c in p.cols]
+    scenes = {p.index: {"source": p.source, "order": p.order} for p in plans}
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // spec.windows_per_read)))
+    ds.context.execution_options.preserve_order = True  # the dataset's own copy of the context
+    ds = ds.map_batches(read_windows, fn_kwargs={"scenes": scenes, "info": info}, batch_size=spec.windows_per_read,
+                        num_cpus=spec.read_cpus, batch_format="numpy")
+    ds = ds.map_batches(WindowPredictor, fn_constructor_kwargs={"source": source, "tracking_uri": spec.tracking_uri,
+                                                                "embeddings": spec.embeddings},
+                        compute=ray.data.ActorPoolStrategy(size=spec.actors), batch_size=spec.batch_size,
+                        num_cpus=spec.actor_cpus, num_gpus=gpus, batch_format="numpy")
+
+    by_index = {p.index: p for p in plans}
+    open_: dict[int, _Stitcher] = {}
+    failed: set[int] = set()
+    done_windows = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            for j in range(len(batch["scene"])):
+                i = int(batch["scene"][j])
+                done_windows += 1
+                if i in failed:
+                    continue
+                error = batch["error"][j]
+                if error:
+                    failed.add(i)
+                    st = open_.pop(i, None)
+                    if st:
+                        st.abort()
+                    _report(result, on_scene, SceneResult(by_index[i].name, "failed", reason=str(error)))
+                    continue
+                st = open_.get(i) or open_.setdefault(i, _Stitcher(by_index[i], info, spec, prints[i]))
+                st.add(int(batch["row"][j]), int(batch["col"][j]), batch["out"][j], batch["valid"][j],
+                       bool(batch["predicted"][j]), batch["embedding"][j] if spec.embeddings else None)
+                if st.complete:
+                    _report(result, on_scene, open_.pop(i).finish())
+            if on_windows:
+                on_windows(done_windows, total)
+    finally:
+        for st in open_.values():
+            st.abort()
+    result.windows = done_windows
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _report(result: InferResult, on_scene, r: SceneResult) -> None:
+    result.scenes.append(r)
+    if on_scene:
+        on_scene(r)

@@ -1,0 +1,355 @@
+"""A fine-tuned bundle as a predictor: what it accepts, how raw pixels become its input, tiled prediction.
+
+Shared by the online app (``earthray.serve.app``) and batch inference (``earthray.serve.infer``), so a
+pixel is checked, normalised and predicted the same way whichever path it takes, and the same way
+training fed the model: physical = ``sensor.transform.apply(raw)``, ``(physical - mean) / std`` with the
+bundle's statistics, 0 wherever a pixel is invalid (``earthray.data.pipeline._normalise``).
+
+Rules for input pixels (documented in ``serve/README.md``):
+
+- bands are matched by name (``B4``, or ``sensor:B4`` where a band name occurs in several input
+  sensors); without names, the count must equal the model's and the order is the model's;
+- dtype must be an integer or float type; values of a sensor stored as integers must be whole numbers
+  in that integer type's range (the check ingest makes), so reflectances sent to a DN model are refused;
+- a pixel is valid when every band of its sensor is valid: not masked, not the declared nodata
+  (the input's own, else the sensor catalogue's), finite;
+- NaN/inf count as missing only where NaN is the declared nodata (a float GeoTIFF with nodata NaN, or
+  ``nodata=nan`` with an array); otherwise they are refused (they usually mean an upstream bug).
+  Batch inference follows ingest instead: non-finite pixels of a scene are missing;
+- an input with no valid pixel is refused.
+
+Dense tasks (segmentation, regression, translation) take any image at least ``input_size`` on each
+side: it is cut into ``input_size`` windows overlapping by ``overlap`` (the last window flush with the
+far edge) and the windows' outputs are blended with a separable Hann weight (``blend_weight``),
+probabilities for class outputs, physical values for regression. Scene-level tasks (classification,
+multilabel) take exactly ``input_size`` x ``input_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from earthray.data.chipper import _fits
+from earthray.data.pipeline import SensorNorm, _normalise
+from earthray.sensors import Sensor
+
+DENSE = ("segmentation", "regression", "translation")
+SCENE = ("classification", "multilabel")
+NODATA_CLASS = 255
+
+
+class RequestError(ValueError):
+    """An input the model cannot take; ``status`` is the HTTP status the app answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+
+
+@dataclass
+class ModelInfo:
+    """What a bundle accepts and answers, from its metadata alone (no weights loaded)."""
+
+    name: str
+    source: str
+    task: str
+    sensors: list[Sensor]
+    """The input sensors, in the model's order."""
+    stats: dict[str, dict[str, list[float]]]
+    input_size: int
+    classes: list[str] | None = None
+    target: str | None = None
+    target_bands: list[str] | None = None
+    recipe: str = ""
+    preset: str = ""
+    bands: list[tuple[str, str]] = field(default_factory=list)
+    """(sensor, band) for every input band, in the order the model takes them."""
+
+    @classmethod
+    def from_meta(cls, name: str, source: str, meta: dict[str, Any]) -> ModelInfo:
+        head = meta.get("head_spec")
+        if not head:
+            raise ValueError(f"model {name!r} ({source}): the bundle has no task head; only fine-tuned bundles "
+                             "are served")
+        task = head["task"]
+        if task not in DENSE + SCENE:
+            raise ValueError(f"model {name!r} ({source}): task {task!r} is not served (change detection needs two "
+                             f"dates per request); served tasks: {', '.join(DENSE + SCENE)}")
+        sensors = {s["name"]: Sensor.model_validate(s) for s in meta["sensors"]}
+        inputs = head.get("inputs") or [n for n in sensors if n != head.get("target")]
+        info = cls(name=name, source=str(source), task=task, sensors=[sensors[n] for n in inputs],
+                   stats={n: meta["normalisation"][n] for n in inputs}, input_size=int(meta["input_size"]),
+                   classes=meta.get("classes") or head.get("classes"), target=head.get("target"),
+                   target_bands=head.get("target_bands"), recipe=meta.get("recipe", ""),
+                   preset=meta.get("preset", ""))
+        info.bands = [(s.name, b) for s in info.sensors for b in s.band_names]
+        return info
+
+    @property
+    def dense(self) -> bool:
+        return self.task in DENSE
+
+    @property
+    def band_names(self) -> list[str]:
+        """Names a client uses: the bare band name, or ``sensor:band`` where it is ambiguous."""
+        counts: dict[str, int] = {}
+        for _, b in self.bands:
+            counts[b] = counts.get(b, 0) + 1
+        return [b if counts[b] == 1 else f"{s}:{b}" for s, b in self.bands]
+
+    @property
+    def outputs(self) -> list[str]:
+        """Names of the answer's channels: classes, or the target's bands."""
+        return list(self.target_bands or []) if self.task in ("regression", "translation") else list(self.classes)
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "task": self.task, "recipe": self.recipe, "preset": self.preset,
+            "sensors": [{"name": s.name, "bands": s.band_names, "dtype": s.dtype, "nodata": s.nodata}
+                        for s in self.sensors],
+            "bands": self.band_names, "input_size": self.input_size,
+            "size": ("any height and width >= input_size (tiled)" if self.dense
+                     else "exactly input_size x input_size"),
+            "classes": self.classes, "target": self.target, "target_bands": self.target_bands,
+        }
+
+    # -- checks ---------------------------------------------------------------------------------------
+
+    def band_order(self, names: Sequence[str] | None, count: int) -> list[int]:
+        """Indices into the input's ``count`` bands giving the model's bands in its order."""
+        expected = ", ".join(self.band_names)
+        if not names:
+            if count != len(self.bands):
+                raise RequestError(f"model {self.name!r} takes {len(self.bands)} bands ({expected}); the input has "
+                                   f"{count} (name the input's bands to pick a subset)")
+            return list(range(count))
+        names = [str(n).strip() for n in names]
+        if len(names) != count:
+            raise RequestError(f"{len(names)} band names given ({', '.join(names)}) for an input with {count} bands")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise RequestError(f"duplicate band names {dup}")
+        where: dict[tuple[str, str], int] = {}
+        for i, n in enumerate(names):
+            if ":" in n:
+                sensor, band = n.split(":", 1)
+                matches = [(s, b) for s, b in self.bands if s == sensor and b == band]
+            else:
+                matches = [(s, b) for s, b in self.bands if b == n]
+                if len(matches) > 1:
+                    raise RequestError(f"band name {n!r} is ambiguous for model {self.name!r}; write "
+                                       f"{' or '.join(f'{s}:{b}' for s, b in matches)}")
+            for m in matches:
+                where[m] = i
+        missing = [name for name, key in zip(self.band_names, self.bands) if key not in where]
+        if missing:
+            raise RequestError(f"model {self.name!r} needs bands {expected}; missing {', '.join(missing)} "
+                               f"(the input has {', '.join(names)})")
+        return [where[key] for key in self.bands]
+
+    def check_size(self, height: int, width: int) -> None:
+        s = self.input_size
+        if self.dense and (height < s or width < s):
+            raise RequestError(f"model {self.name!r} needs images at least {s}x{s} pixels; got {height}x{width}")
+        if not self.dense and (height, width) != (s, s):
+            raise RequestError(f"model {self.name!r} ({self.task}) classifies {s}x{s} chips; got {height}x{width} "
+                               "(cut the image into chips of that size)")
+
+
+def prepare(info: ModelInfo, data: np.ndarray, valid: np.ndarray | None = None,
+            nodata: float | None | str = "sensor", nan_is_nodata: bool = False,
+            require_valid: bool = True) -> dict[str, np.ndarray]:
+    """Raw pixels ``(C, H, W)`` in the model's band order -> ``{sensor: (C_s, H, W) float32, sensor.valid: (H, W)}``.
+
+    ``valid`` (per band, like ``Scene.read``'s) comes from the source's masks; ``nodata`` is the value
+    that marks missing pixels (NaN allowed), ``"sensor"`` each sensor's catalogue value, None none;
+    ``nan_is_nodata`` counts every non-finite value as missing; ``require_valid`` refuses an input
+    without a valid pixel (a request; a scene's border window is just empty).
+    """
+    if data.ndim != 3 or data.shape[0] != len(info.bands):
+        raise RequestError(f"expected an array of shape ({len(info.bands)}, height, width), got {tuple(data.shape)}")
+    if data.dtype.kind not in "iuf":
+        raise RequestError(f"pixel values must be integers or floats; got dtype {data.dtype}")
+    valid = np.ones(data.shape, bool) if valid is None else valid.astype(bool, copy=True)
+    per_band = [s.nodata for s in info.sensors for _ in s.bands] if nodata == "sensor" else [nodata] * len(data)
+    nan_declared = nan_is_nodata or any(v is not None and math.isnan(v) for v in per_band)
+    for i, v in enumerate(per_band):
+        if v is not None and not math.isnan(v) and _representable(v, data.dtype):
+            valid[i] &= data[i] != np.asarray(v).astype(data.dtype)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not nan_declared and not finite.all():
+            band, row, col = (int(v[0]) for v in np.nonzero(~finite))
+            raise RequestError(f"band {info.band_names[band]} has {int((~finite[band]).sum())} NaN/inf values "
+                               f"(first at row {row}, column {col}); NaN counts as missing only where it is the "
+                               "declared nodata (nodata=nan)")
+        valid &= finite
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for s in info.sensors:
+        part, ok = data[start:start + len(s.bands)], valid[start:start + len(s.bands)].all(axis=0)
+        start += len(s.bands)
+        dtype = np.dtype(s.dtype)
+        if dtype.kind in "iu" and part.dtype != dtype and not _fits(part[:, ok], dtype):
+            lo, hi = (float(part[:, ok].min()), float(part[:, ok].max())) if ok.any() else (0.0, 0.0)
+            raise RequestError(f"values of {s.name} do not fit its stored type {dtype} (range {lo:g}..{hi:g}); "
+                               f"the model takes raw {dtype} values, e.g. digital numbers, not scaled ones")
+        stats = info.stats[s.name]
+        norm = SensorNorm(s.transform, np.asarray(stats["mean"], np.float32),
+                          np.maximum(np.asarray(stats["std"], np.float32), 1e-6))
+        out[s.name] = _normalise(part, norm, ok, axis=0)
+        out[f"{s.name}.valid"] = ok
+    if require_valid and not pixel_valid(info, out).any():
+        raise RequestError("the input has no valid pixel (every pixel is masked, nodata or NaN)")
+    return out
+
+
+def _representable(value: float, dtype: np.dtype) -> bool:
+    if dtype.kind in "iu":
+        return float(value).is_integer() and np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
+    return True
+
+
+def pixel_valid(info: ModelInfo, image: dict[str, np.ndarray]) -> np.ndarray:
+    """Where every input sensor is valid: where an answer is given (elsewhere: nodata)."""
+    return np.logical_and.reduce([image[f"{s.name}.valid"] for s in info.sensors])
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+
+
+def tile_starts(length: int, size: int, overlap: float) -> list[int]:
+    """Window starts along one axis: every ``size - round(size * overlap)`` pixels, the last flush with the end."""
+    if length < size:
+        raise ValueError(f"length {length} is smaller than the window {size}")
+    stride = max(1, size - int(round(size * overlap)))
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def blend_weight(size: int) -> np.ndarray:
+    """Separable Hann weight ``(size, size)``, highest in the middle and positive up to the edge, so a window's
+    border (where its context is cut off) counts least where windows overlap."""
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * (np.arange(size) + 0.5) / size)
+    return np.outer(w, w).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Predictor:
+    """A loaded fine-tuned model with the contract it was checked against."""
+
+    def __init__(self, model, info: ModelInfo, device: str = "cpu", max_tiles: int = 16, overlap: float = 0.25):
+        self.model = model.to(device).eval()
+        self.info = info
+        self.device = device
+        self.max_tiles = max_tiles
+        self.overlap = overlap
+        self._weight = blend_weight(info.input_size)
+
+    @classmethod
+    def load(cls, name: str, source: str | Path, tracking_uri: str | None = None, device: str = "auto",
+             **kwargs) -> Predictor:
+        """``source``: a bundle folder or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
+        from earthray.bundle import load_bundle
+        from earthray.recipes.finetune import TaskModel
+
+        bundle = load_bundle(source, tracking_uri=tracking_uri)
+        info = ModelInfo.from_meta(name, str(source), bundle.meta)
+        device = pick_device(device)
+        return cls(TaskModel.from_bundle(bundle), info, device, **kwargs)
+
+    @torch.inference_mode()
+    def forward(self, batch: dict[str, np.ndarray], embed: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prepared windows ``{sensor: (B, C, S, S), sensor.valid: (B, S, S)}`` -> answers in the task's units:
+        class probabilities ``(B, K)`` / ``(B, K, S, S)`` or physical target values ``(B, T, S, S)``;
+        with ``embed``, also each window's encoder embedding ``(B, D)`` (last level, mean-pooled)."""
+        n = len(next(iter(batch.values())))
+        tensors: dict[str, torch.Tensor] = {}
+        for s in self.info.sensors:
+            tensors[s.name] = torch.from_numpy(np.ascontiguousarray(batch[s.name])).to(self.device)
+            tensors[f"{s.name}.valid"] = torch.from_numpy(np.ascontiguousarray(batch[f"{s.name}.valid"])).to(
+                self.device)
+            tensors[f"{s.name}.present"] = torch.ones(n, dtype=torch.bool, device=self.device)
+        emb = None
+        if embed:  # TaskModel.predict, keeping the features it computes on the way
+            feats = self.model._encode(tensors)
+            emb = feats[-1].float().mean(dim=(2, 3)).cpu().numpy()
+            size = tensors[self.info.sensors[0].name].shape[-2:]
+            out = self.model.head(feats) if self.info.task in SCENE else self.model.head(feats, size)
+        else:
+            out = self.model.predict(tensors)
+        out = out.float()
+        task = self.info.task
+        if task == "multilabel":
+            out = out.sigmoid()
+        elif task in ("classification", "segmentation"):
+            out = out.softmax(dim=1)
+        else:
+            out = self.model.denormalise(out)
+        return out.cpu().numpy(), emb
+
+    def predict(self, images: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Whole prepared images -> per image ``(K,)`` or ``(K, H, W)``, windows batched across the images."""
+        s = self.info.input_size
+        tiles: list[tuple[int, int, int]] = []
+        for i, img in enumerate(images):
+            h, w = img[f"{self.info.sensors[0].name}.valid"].shape
+            self.info.check_size(h, w)
+            tiles += [(i, r, c) for r in tile_starts(h, s, self.overlap) for c in tile_starts(w, s, self.overlap)]
+        single = [sum(1 for t in tiles if t[0] == i) == 1 for i in range(len(images))]
+        results: list[np.ndarray | None] = [None] * len(images)
+        weights: list[np.ndarray | None] = [None] * len(images)
+        for lo in range(0, len(tiles), self.max_tiles):
+            chunk = tiles[lo:lo + self.max_tiles]
+            keys = list(images[chunk[0][0]])
+            batch = {k: np.stack([images[i][k][..., r:r + s, c:c + s] for i, r, c in chunk]) for k in keys}
+            out, _ = self.forward(batch)
+            for (i, r, c), o in zip(chunk, out):
+                if single[i]:
+                    results[i] = o
+                    continue
+                if results[i] is None:
+                    h, w = images[i][keys[-1]].shape[-2:]
+                    results[i] = np.zeros((o.shape[0], h, w), np.float32)
+                    weights[i] = np.zeros((h, w), np.float32)
+                results[i][:, r:r + s, c:c + s] += o * self._weight
+                weights[i][r:r + s, c:c + s] += self._weight
+        return [res if weights[i] is None else res / weights[i] for i, res in enumerate(results)]
+
+    def answer(self, out: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        """A prediction in the compact form the app returns: scores (scene tasks), a ``uint8`` class map with
+        255 where the input was invalid plus mean class scores (segmentation), or values with NaN there."""
+        if self.info.task in SCENE:
+            return {"scores": out}
+        if self.info.task == "segmentation":
+            labels = out.argmax(0).astype(np.uint8)
+            labels[~valid] = NODATA_CLASS
+            return {"labels": labels, "scores": out[:, valid].mean(axis=1)}
+        values = out.astype(np.float32, copy=True)
+        values[:, ~valid] = np.nan
+        return {"values": values}
+
+    def predict_answers(self, images: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        outs = self.predict(images)
+        return [self.answer(o, pixel_valid(self.info, img)) for o, img in zip(outs, images)]

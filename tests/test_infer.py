@@ -1,0 +1,205 @@
+"""Batch inference over whole real scenes: Ray Data windows, the model in an actor pool, stitched GeoTIFFs.
+
+A six-band GeoTIFF built from the real Landsat 7 sample (and a band stack of its one-band files), a
+fine-tuned bundle (random weights: answers are compared with direct ``TaskModel.predict`` calls on the same
+windows, blended here the documented way, independently of earthray's code). Also: resume skips a finished
+scene, a corrupt scene is reported while the others finish, embeddings with centroids, the CLI and
+the spec's errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from earthray.bundle import load_bundle, save_bundle
+from earthray.config import ConfigError
+from earthray.io import Grid, open_scene, write_raster
+from earthray.recipes import create_recipe
+from earthray.recipes.finetune import TaskModel, TaskSpec
+from earthray.sensors import get_sensor
+
+ROOT = Path(__file__).resolve().parents[1]
+L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]
+FILES = [str(ROOT / f"data/sample/landsat7_nc/lsat7_2000_{b}.tif") for b in (10, 20, 30, 40, 50, 70)]
+CLASSES = [f"class_{i}" for i in range(1, 8)]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def scene_file(tmp_path_factory) -> Path:
+    """The real scene as one six-band float32 GeoTIFF with named bands and nodata -99999."""
+    with open_scene(FILES) as scene:
+        data, valid = scene.read()
+        grid = scene.grid
+    path = tmp_path_factory.mktemp("scenes") / "l7_2000.tif"
+    return write_raster(path, np.where(valid, data, np.float32(-99999)), grid, nodata=-99999, band_names=L7)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    torch.manual_seed(3)
+    sensor = get_sensor("landsat7_etm").select(L7)
+    model = TaskModel(create_recipe("ofa", [sensor], "tiny"), TaskSpec(task="segmentation", classes=CLASSES), SIZE)
+    norm = {"landsat7_etm": {"mean": [75.0, 60.0, 55.0, 60.0, 70.0, 45.0], "std": [20.0, 20.0, 25.0, 25.0, 30.0, 25.0]}}
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "seg", model.encoder, recipe="ofa", preset="tiny",
+                       config=model.encoder.config, sensors=[sensor], normalisation=norm, input_size=SIZE,
+                       head=model.head, head_spec=model.head_spec, classes=model.spec.classes)
+
+
+def starts(n: int) -> list[int]:
+    """The documented window rule: every 24 pixels (32, overlap 0.25), the last flush with the edge."""
+    s = list(range(0, n - SIZE + 1, 24))
+    return s if s[-1] == n - SIZE else [*s, n - SIZE]
+
+
+def expected_probabilities(bundle: Path, scene_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Direct model calls on every window, Hann-blended in the same window order; the pixel validity."""
+    b = load_bundle(bundle)
+    model = TaskModel.from_bundle(b).eval()
+    stats = b.input_stats()["landsat7_etm"]
+    mean, std = (np.array(stats[k], np.float32)[:, None, None] for k in ("mean", "std"))
+    with rasterio.open(scene_file) as ds:
+        raw = ds.read()
+    ok = (raw != -99999).all(axis=0)
+    x = np.where(ok, (raw - mean) / std, 0).astype(np.float32)
+    h, w = ok.shape
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * (np.arange(SIZE) + 0.5) / SIZE)
+    weight = np.outer(hann, hann).astype(np.float32)
+    acc, wsum = np.zeros((len(CLASSES), h, w), np.float32), np.zeros((h, w), np.float32)
+    windows = [(r, c) for r in starts(h) for c in starts(w) if ok[r:r + SIZE, c:c + SIZE].any()]
+    with torch.no_grad():
+        for i in range(0, len(windows), 64):
+            chunk = windows[i:i + 64]
+            xs = torch.from_numpy(np.stack([x[:, r:r + SIZE, c:c + SIZE] for r, c in chunk]))
+            vs = torch.from_numpy(np.stack([ok[r:r + SIZE, c:c + SIZE] for r, c in chunk]))
+            probs = model.predict({"landsat7_etm": xs, "landsat7_etm.valid": vs}).softmax(1).numpy()
+            for (r, c), p in zip(chunk, probs):
+                acc[:, r:r + SIZE, c:c + SIZE] += p * weight
+                wsum[r:r + SIZE, c:c + SIZE] += weight
+    with np.errstate(invalid="ignore"):
+        return acc / wsum, ok
+
+
+def spec_for(tmp_path: Path, bundle: Path, scenes: list, **kw):
+    from earthray.serve.infer import InferSpec
+
+    return InferSpec(model=str(bundle), scenes=scenes, output=str(tmp_path / "out"), batch_size=16,
+                     actor_cpus=0.5, read_cpus=0.25, **kw)
+
+
+def test_stitched_scene_matches_direct_model_calls(ray_session, bundle, scene_file, tmp_path):
+    from earthray.serve.infer import infer
+
+    spec = spec_for(tmp_path, bundle, [str(scene_file)], probabilities=True, embeddings=True, cog=True)
+    seen = []
+    result = infer(spec, on_scene=seen.append)
+    [done] = result.scenes
+    assert done.status == "done" and seen == [done]
+    with rasterio.open(scene_file) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    n_windows = len(starts(shape[0])) * len(starts(shape[1]))
+    assert done.windows == result.windows == n_windows
+    out = Path(spec.output)
+    probs, ok = expected_probabilities(bundle, scene_file)
+    with rasterio.open(out / "l7_2000.tif") as ds:
+        assert ds.crs == crs and ds.transform == transform and ds.shape == shape
+        assert ds.dtypes == ("uint8",) and ds.nodata == 255 and json.loads(ds.tags()["classes"]) == CLASSES
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        labels = ds.read(1)
+    with rasterio.open(out / "l7_2000.probabilities.tif") as ds:
+        assert ds.count == len(CLASSES) and ds.transform == transform and ds.descriptions == tuple(CLASSES)
+        got = ds.read()
+    assert (labels[~ok] == 255).all() and np.isnan(got[:, ~ok]).all()
+    np.testing.assert_allclose(got[:, ok], probs[:, ok], atol=2e-5)
+    top2 = np.sort(probs, axis=0)[-2:]
+    sure = ok & (top2[1] - top2[0] > 1e-4)
+    assert sure.sum() > 0.99 * ok.sum()
+    np.testing.assert_array_equal(labels[sure], probs.argmax(0)[sure])
+
+    chips = pq.read_table(out / "l7_2000.chips.parquet").to_pandas()
+    assert len(chips) == n_windows and set(chips.columns) >= {"row", "col", "lon", "lat", "embedding"}
+    first = chips[chips.valid_fraction > 0].iloc[0]
+    dim = json.loads((bundle / "bundle.json").read_text())["head_spec"]["in_dims"][-1]
+    assert len(first.embedding) == dim and np.isfinite(first.embedding).all()
+    assert chips.lon.between(-80, -77).all() and chips.lat.between(35, 36.5).all()  # the scene is in North Carolina
+
+
+def crop(path: str, folder: Path, rows: slice, cols: slice) -> str:
+    """A part of a real raster, with its georeferencing."""
+    win = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+    with rasterio.open(path) as src:
+        profile = src.profile | {"width": win.width, "height": win.height, "transform": src.window_transform(win),
+                                 "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        out = folder / Path(path).name
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(src.read(window=win))
+            dst.descriptions = src.descriptions
+    return str(out)
+
+
+def test_resume_skips_finished_scenes_and_reports_a_corrupt_one(ray_session, bundle, scene_file, tmp_path):
+    from earthray.serve.infer import infer
+
+    part = tmp_path / "part"
+    part.mkdir()
+    rows, cols = slice(100, 180), slice(60, 160)  # a part of the real scene keeps this test quick
+    scene = crop(str(scene_file), part, rows, cols)
+    stack = [crop(f, part, rows, cols) for f in FILES]
+    with rasterio.open(scene_file) as src:
+        win = Window(60, 100, 200, 160)
+        whole = write_raster(tmp_path / "whole.tif", src.read(window=win),
+                             Grid(src.crs, src.window_transform(win), 200, 160), nodata=-99999)
+    truncated = tmp_path / "truncated.tif"  # opens (the header is intact), but its last rows are gone
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"not a tiff at all")
+    spec = spec_for(tmp_path, bundle, [str(truncated), scene, str(garbage), stack], bands=L7, cog=False)
+    first = {Path(r.scene).name: r for r in infer(spec).scenes}
+    assert first["l7_2000.tif"].status == "done"
+    assert first["lsat7_2000_10.tif"].status == "done"  # the same scene as a stack of one-band files
+    assert first["garbage.tif"].status == "failed" and "cannot open" in first["garbage.tif"].reason
+    assert first["truncated.tif"].status == "failed" and "read failed" in first["truncated.tif"].reason
+    out = Path(spec.output)
+    assert sorted(p.name for p in out.iterdir()) == ["l7_2000.tif", "lsat7_2000_10.tif"]  # no partial files
+    with rasterio.open(out / "l7_2000.tif") as a, rasterio.open(out / "lsat7_2000_10.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    stamp = (out / "l7_2000.tif").stat().st_mtime_ns
+
+    second = {Path(r.scene).name: r for r in infer(spec).scenes}
+    assert second["l7_2000.tif"].status == "skipped" and second["lsat7_2000_10.tif"].status == "skipped"
+    assert second["truncated.tif"].status == "failed"
+    assert (out / "l7_2000.tif").stat().st_mtime_ns == stamp
+
+    other = spec.model_copy(update={"overlap": 0.5})  # other settings: not taken as done, not overwritten
+    third = {Path(r.scene).name: r for r in infer(other).scenes}
+    assert third["l7_2000.tif"].status == "failed" and "overwrite" in third["l7_2000.tif"].reason
+    assert (out / "l7_2000.tif").stat().st_mtime_ns == stamp
+
+
+def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
+    from earthray.serve.infer import load_infer_spec
+
+    spec = tmp_path / "infer.yaml"
+    spec.write_text(f"model: {bundle}\nscenes: [{scene_file}]\noutput: out\nbatch_size: 0\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_infer_spec(spec)
+    earthray = Path(sys.executable).parent / "earthray"
+    run = subprocess.run([str(earthray), "infer", str(spec)], capture_output=True, text=True)
+    assert run.returncode == 2 and "batch_size" in run.stderr
+    spec.write_text(f"model: {tmp_path / 'nope'}\nscenes: [{scene_file}]\noutput: out\n")
+    run = subprocess.run([str(earthray), "infer", str(spec)], capture_output=True, text=True)
+    assert run.returncode == 2 and "not a bundle" in run.stderr
+    shipped = load_infer_spec(ROOT / "jobs" / "infer-landcover.yaml")
+    assert shipped.model == "models:/landcover@champion" and shipped.scenes[0][0].endswith("lsat7_2000_10.tif")
+    assert shipped.output == str(ROOT / "jobs" / "../work/inference/landcover")
