@@ -82,6 +82,12 @@ def main() -> None:
                                 normalisation=json.loads(json.dumps(
                                     {s.name: {"mean": [b.mean for b in s.bands], "std": [b.std for b in s.bands]}
                                      for s in sensors})))
+    from earthray.train.evaluate import EvaluateSpec, evaluate
+
+    probe = EvaluateSpec.model_validate({"data": {"root": str(work / "shards" / "l7"), "group": GROUP},
+                                         "workdir": str(work), "seed": args.seed})
+    probes = {label: evaluate(bundle, probe, log=False).scores
+              for label, bundle in (("pretrained", pre.bundle), ("random init", random_bundle))}
     rows = []
     for mode, lr in (("frozen", 2e-3), ("full", 1e-3)):
         for label, bundle in (("pretrained", pre.bundle), ("random init", random_bundle)):
@@ -104,6 +110,10 @@ def main() -> None:
         pre_row, rnd_row = [r for r in rows if r[0] == mode]
         print(f"gain ({mode} encoder): mIoU {pre_row[2] - rnd_row[2]:+.4f} "
               f"({pre_row[2] / max(rnd_row[2], 1e-9):.2f}x), OA {pre_row[3] - rnd_row[3]:+.4f}")
+    print("\nfrozen features, per feature cell (earthray evaluate): linear probe and kNN on the val split")
+    print(f"{'init':12} {'linear mIoU':>12} {'linear OA':>10} {'kNN mIoU':>9} {'kNN OA':>7}")
+    for label, sc in probes.items():
+        print(f"{label:12} {sc['linear/miou']:12.4f} {sc['linear/oa']:10.4f} {sc['knn/miou']:9.4f} {sc['knn/oa']:7.4f}")
     print(f"\nworkdir: {work}")
 
 

@@ -1,10 +1,13 @@
 """Online serving under load: the Serve app (dynamic batching) against the bare model at the same batch size.
 
     python benchmarks/serve_load.py [--requests 400] [--concurrency 16] [--batch 8] [--task classification]
+                                    [--preset tiny] [--size 32]
 
 Starts its own local Ray and Serve (a free loopback port) with one Gateway and one ModelServer replica
 (one CPU for the model, one torch thread), hosting a tiny OFA fine-tuned head (random weights) built
-here. A second process sends ``--requests`` real Landsat 7 chips (32x32, six bands, ``.npy``) with
+here (``--preset``/``--size`` pick a heavier model: with the tiny one at 32 px a forward pass costs less
+than the HTTP request around it). A second process sends ``--requests`` real Landsat 7 chips (``--size``
+square, six bands, ``.npy``) with
 ``--concurrency`` in flight over HTTP on loopback and reports p50/p99 latency and throughput. The bare
 model runs the same chips, normalised, through ``Predictor.forward`` in batches of ``--batch`` in this
 process (one torch thread). Reported: requests/s vs images/s and their ratio (target >= 0.7), plus the
@@ -18,6 +21,7 @@ import asyncio
 import io
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -49,7 +53,7 @@ def chips(n: int, size: int = 32) -> np.ndarray:
     return np.stack(out)
 
 
-def make_bundle(path: Path, task: str) -> Path:
+def make_bundle(path: Path, task: str, preset: str = "tiny", size: int = 32) -> Path:
     import torch
 
     from earthray.bundle import save_bundle
@@ -59,11 +63,11 @@ def make_bundle(path: Path, task: str) -> Path:
 
     torch.manual_seed(0)
     sensor = get_sensor("landsat7_etm").select(L7)
-    model = TaskModel(create_recipe("ofa", [sensor], "tiny"),
-                      TaskSpec(task=task, classes=[f"class_{i}" for i in range(1, 8)]), 32)
+    model = TaskModel(create_recipe("ofa", [sensor], preset, img_size=size),
+                      TaskSpec(task=task, classes=[f"class_{i}" for i in range(1, 8)]), size)
     norm = {"landsat7_etm": {"mean": [b.mean for b in sensor.bands], "std": [b.std for b in sensor.bands]}}
-    return save_bundle(path, model.encoder, recipe="ofa", preset="tiny", config=model.encoder.config, sensors=[sensor],
-                       normalisation=norm, input_size=32, head=model.head, head_spec=model.head_spec,
+    return save_bundle(path, model.encoder, recipe="ofa", preset=preset, config=model.encoder.config, sensors=[sensor],
+                       normalisation=norm, input_size=size, head=model.head, head_spec=model.head_spec,
                        classes=model.spec.classes)
 
 
@@ -101,8 +105,8 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, warmup: int) ->
             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
-def client_main(url: str, n: int, concurrency: int, warmup: int) -> None:
-    bodies = [npy(c) for c in chips(n + warmup)]
+def client_main(url: str, n: int, concurrency: int, warmup: int, size: int) -> None:
+    bodies = [npy(c) for c in chips(n + warmup, size)]
     print(json.dumps(asyncio.run(_load(url, bodies, concurrency, warmup))))
 
 
@@ -141,6 +145,24 @@ applications:
     return path
 
 
+def serve_cpu() -> dict[str, float]:
+    """CPU seconds used so far by Serve's processes (proxy, gateway and model replicas), by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        role = next((r for r in ("ProxyActor", "Gateway", "ModelServer") if title.startswith("ray::") and r in title),
+                    None)
+        if role:
+            try:
+                t = p.cpu_times()
+                out[role] = out.get(role, 0.0) + t.user + t.system
+            except psutil.Error:
+                pass
+    return out
+
+
 def bare(bundle: Path, images: np.ndarray, batch: int, repeats: int) -> dict:
     import torch
 
@@ -170,11 +192,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--task", default="classification", choices=["classification", "segmentation"])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "base"])
+    ap.add_argument("--size", type=int, default=32, help="chip size = the model's input size")
     ap.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 contrast run")
     ap.add_argument("--client", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
-        client_main(args.client, args.requests, args.concurrency, args.warmup)
+        client_main(args.client, args.requests, args.concurrency, args.warmup, args.size)
         return
 
     import ray
@@ -184,8 +208,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         tmp = Path(tmp)
-        bundle = make_bundle(tmp / "bundle", args.task)
-        base = bare(bundle, chips(args.batch * 25), args.batch, repeats=4)
+        bundle = make_bundle(tmp / "bundle", args.task, args.preset, args.size)
+        base = bare(bundle, chips(args.batch * 25, args.size), args.batch, repeats=4)
         print(f"bare model: {base['images_per_s']:.1f} images/s at batch {args.batch} "
               f"({base['batch_ms_p50']:.1f} ms per batch, 1 torch thread)", flush=True)
         port = free_port()
@@ -197,21 +221,37 @@ def main() -> None:
                            on_status=lambda m: None)
                 url = f"http://127.0.0.1:{port}/b{batch}/models/bench/predict"
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                before, kids = serve_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 out = subprocess.run([sys.executable, __file__, "--client", url, "--requests", str(args.requests),
-                                      "--concurrency", str(args.concurrency), "--warmup", str(args.warmup)],
+                                      "--concurrency", str(args.concurrency), "--warmup", str(args.warmup),
+                                      "--size", str(args.size)],
                                      capture_output=True, text=True, env=env, check=True)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
+                stats = serve.get_deployment_handle("ModelServer", app_name=f"bench{batch}").batch_stats.remote()
+                stats = stats.result()
+                res["mean_batch"] = stats["requests"] / max(stats["batches"], 1)
+                after, kids2 = serve_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                n = args.requests + args.warmup
+                res["cpu_ms"] = {k: 1000 * (after.get(k, 0) - before.get(k, 0)) / n for k in after}
+                res["cpu_ms"]["client"] = 1000 * (kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime) / n
                 rows.append((batch, res))
                 serve.delete(f"bench{batch}")
         finally:
             serve.shutdown()
             ray.shutdown()
-    print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.task} chips 6x32x32 (npy) over loopback")
-    print(f"{'max_batch_size':>14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs bare':>8}  codes")
+        after = bare(bundle, chips(args.batch * 25, args.size), args.batch, repeats=4)
+    print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.task} ({args.preset}) chips "
+          f"6x{args.size}x{args.size} (npy) over loopback")
+    print(f"{'max_batch_size':>14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'vs bare':>8}  codes")
     for batch, r in rows:
-        print(f"{batch:>14} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+        print(f"{batch:>14} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>10.1f} "
               f"{r['rps'] / base['images_per_s']:>8.2f}  {r['codes']}")
-    print(f"{'bare model':>14} {base['images_per_s']:>8.1f}  (images/s at batch {args.batch}; target ratio >= 0.7)")
+    print(f"{'bare model':>14} {base['images_per_s']:>8.1f}  images/s at batch {args.batch} before the runs, "
+          f"{after['images_per_s']:.1f} after (the ratio uses the first; target >= 0.7)")
+    print(f"bare model: {1000 / base['images_per_s']:.1f} ms per image")
+    for batch, r in rows:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms"].items())
+        print(f"CPU ms per request, max_batch_size {batch}: {parts} (client includes building its requests)")
 
 
 if __name__ == "__main__":

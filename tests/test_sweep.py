@@ -153,7 +153,7 @@ def _interrupt_third_trial(workdir: Path, stop: threading.Event) -> None:
     from train_helpers import registered_checkpoint_steps
 
     while not stop.is_set():
-        trials = sorted(workdir.glob("trials/*_*"))
+        trials = sorted(workdir.glob("trials/ofa-mask/*"))
         if len(trials) >= 3:
             third = trials[2]
             snapshot = [registered_checkpoint_steps(SimpleNamespace(storage_path=str(third / "runs"), name=p.name))
@@ -190,7 +190,8 @@ def sweeps(root, ray_session, tmp_path_factory):
         stop.set()
     _, _, runs = _child_runs(first.tracking_uri, first.parent_run_id)
     before = {tid: (r.info.end_time, r.info.status) for tid, r in runs.items()}
-    results = {p.parent.name: p.stat().st_mtime_ns for p in (folder / "work").glob("trials/*/trial_result.json")}
+    results = {p.parent.name: p.stat().st_mtime_ns
+               for p in (folder / "work").glob("trials/ofa-mask/*/trial_result.json")}
     second = run_sweep(load_sweep(path), verbose=0)
     return folder, path, first, second, before, results
 
@@ -243,7 +244,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(sweeps):
         assert (after[tid].status, after[tid].score, after[tid].step) == (row.status, row.score, row.step)
         assert (runs[tid].info.end_time, runs[tid].info.status) == before[tid]
     for tid, mtime in results.items():
-        assert (folder / "work" / "trials" / tid / "trial_result.json").stat().st_mtime_ns == mtime
+        assert (folder / "work" / "trials" / "ofa-mask" / tid / "trial_result.json").stat().st_mtime_ns == mtime
     resumed = runs[interrupted[0].trial_id]  # its pretraining resumed from the step-2 checkpoint
     assert resumed.data.metrics["resumed_from_step"] == 2
     assert after[interrupted[0].trial_id].status == "done" or after[interrupted[0].trial_id].step == 2

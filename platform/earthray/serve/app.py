@@ -139,6 +139,7 @@ class ModelServer:
 
         self._load = load
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
+        self.batches = self.requests = 0
         self._batched.set_max_batch_size(self.args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
@@ -150,12 +151,17 @@ class ModelServer:
         wrapper = getattr(self._load, "__serve_multiplex_wrapper", None)
         return list(wrapper.models) if wrapper else []
 
+    async def batch_stats(self) -> dict[str, int]:
+        """Batches run and requests in them since the replica started (mean batch size = requests / batches)."""
+        return {"batches": self.batches, "requests": self.requests}
+
     async def predict(self, image: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self._batched(image)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, images: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         predictor = await self.get_model(serve.get_multiplexed_model_id())
+        self.batches, self.requests = self.batches + 1, self.requests + len(images)
         return await asyncio.to_thread(predictor.predict_answers, images)
 
 

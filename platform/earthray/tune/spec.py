@@ -253,6 +253,11 @@ class Sweep:
     def experiment_path(self) -> Path:
         return Path(self.spec.workdir, "tune", self.spec.name).resolve()
 
+    @property
+    def trials_dir(self) -> Path:
+        """Each trial's job folder (checkpoints, bundle, result) is ``trials_dir / <trial id>``."""
+        return Path(self.spec.workdir, "trials", self.spec.name).resolve()
+
     def milestones(self) -> list[int]:
         """Steps at which a trial reports its score before the end: ASHA's rungs below ``max_steps``."""
         s = self.spec.scheduler

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from earthray.config import ConfigError
@@ -39,6 +41,7 @@ from earthray.train import tracking
 from earthray.tune.spec import HeldoutSpec, Sweep, build_job, job_data
 
 RESULT_FILE = "trial_result.json"
+PLACEMENT_FILE = "train_placement_group.json"
 SWEEP_TAG = "earthray.sweep"
 READ_CPUS = 1.0
 """What a Ray Data read task reserves (Ray Data's default for map tasks)."""
@@ -137,6 +140,74 @@ class ProbeReportCallback(TuneReportCallback):
         self._training_actor_item_queue.put(result)
 
 
+# ------------------------------------------------------------------------ placement groups of stopped trials
+#
+# A trial stopped by the scheduler or an interruption is killed with its Train controller, and
+# the Train workers' placement group outlives it: Ray Train's own cleaner watches the controller
+# through the State API, which a local Ray started without the dashboard does not serve. Left
+# alone, such groups hold CPUs until the sweep's driver exits, and on a small machine the next
+# trial can never schedule its data reads. So the controller records its workers' placement
+# group in the trial folder, and the sweep removes it once that controller is dead.
+
+
+class RecordWorkerPlacementGroup(WorkerGroupCallback):
+    """In the Train controller: writes the worker group's placement group and the controller's id."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_worker_group_start(self, worker_group) -> None:
+        import ray
+
+        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        Path(self.path).write_text(json.dumps({"placement_group": pg.id.hex(),
+                                               "controller": ray.get_runtime_context().get_actor_id()}))
+
+
+def release_placement_group(trial_dir: Path, wait_s: float = 0.0) -> bool:
+    """Remove the Train placement group a trial left behind, once its controller is dead.
+
+    Returns whether nothing is left to release (no record, or released); False while the
+    controller still runs (after ``wait_s`` seconds of waiting for it)."""
+    import time
+
+    import ray
+    from ray._private.state import actors
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    record = trial_dir / PLACEMENT_FILE
+    if not record.is_file():
+        return True
+    info = json.loads(record.read_text())
+    deadline = time.monotonic() + wait_s
+    while (actors(info["controller"]) or {}).get("State", "DEAD") != "DEAD":
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(info["placement_group"])))
+    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+        remove_placement_group(pg)
+    record.unlink(missing_ok=True)
+    return True
+
+
+class ReleaseStoppedTrials(Callback):
+    """In the Tune driver: releases each ended trial's Train placement group as soon as its controller is gone."""
+
+    def __init__(self, trials: str):
+        self.trials = trials
+        self.pending: set[str] = set()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.pending.add(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.pending.add(trial.trial_id)
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        self.pending = {t for t in self.pending if not release_placement_group(Path(self.trials, t))}
+
+
 # ---------------------------------------------------------------------------------------------- trial
 
 
@@ -162,12 +233,13 @@ def run_trial(config: dict, plan: dict) -> None:
     from earthray.train.run import pretrain, sensors_of
 
     trial_id = tune.get_context().get_trial_id()
-    workdir = Path(plan["workdir"], "trials", trial_id)
+    workdir = Path(plan["workdir"], "trials", plan["sweep"], trial_id)
     done = workdir / RESULT_FILE
     if done.is_file():  # it finished before the sweep was interrupted: report it again, train nothing
         tune.report(json.loads(done.read_text()))
         return
     workdir.mkdir(parents=True, exist_ok=True)
+    release_placement_group(workdir, wait_s=60)  # an earlier attempt of this trial was killed mid-run
     fixed: dict[str, Any] = {"name": f"{plan['sweep']}-{trial_id}", "workdir": str(workdir), "address": None,
                              "tracking": {**plan["base"]["tracking"], "tracking_uri": plan["tracking_uri"],
                                           "experiment": plan["experiment"]}}
@@ -177,7 +249,8 @@ def run_trial(config: dict, plan: dict) -> None:
     run_id = _open_child({**plan, "trial_id": trial_id}, job, config)
     sensors = sensors_of(load_manifest(job.data.root), list(job.data.groups))
     probe = Probe(plan, job.model_dump(mode="json"), [s.model_dump(mode="json") for s in sensors], run_id)
-    result = pretrain(job, callbacks=[ProbeReportCallback(probe, plan["milestones"])])
+    result = pretrain(job, callbacks=[ProbeReportCallback(probe, plan["milestones"]),
+                                      RecordWorkerPlacementGroup(str(workdir / PLACEMENT_FILE))])
     final = {**probe(job.max_steps, bundle=str(result.bundle)), "step": job.max_steps, "run_id": run_id}
     if "loss" in result.metrics:
         final["loss"] = result.metrics["loss"]
@@ -290,7 +363,8 @@ def _new_tuner(sweep: Sweep, trainable, concurrency: int, verbose: int):
                                     num_samples=s.search.num_samples, max_concurrent_trials=limit,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=s.name, storage_path=str(sweep.experiment_path.parent),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=verbose),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=verbose,
+                                  callbacks=[ReleaseStoppedTrials(str(sweep.trials_dir))]),
     )
 
 
@@ -399,6 +473,8 @@ def run_sweep(sweep: Sweep, *, verbose: int = 1) -> SweepResult:
     except BaseException:
         tracking.close_run(uri, parent, ok=False)
         raise
+    for trial_dir in sweep.trials_dir.glob("*"):  # trials stopped by an interruption
+        release_placement_group(trial_dir, wait_s=30)
     rows = _rows(sweep)
     result = SweepResult(s.name, sweep.metric, sweep.mode, sweep.base.max_steps, list(s.space), rows,
                          _best(rows, sweep.mode), parent, uri, path,
