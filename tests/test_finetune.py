@@ -93,7 +93,7 @@ def test_pixel_regression_heads_learn_a_real_target(task, inputs, target):
     y = (y - y.mean(dim=(0, 2, 3), keepdim=True)) / y.std(dim=(0, 2, 3), keepdim=True)
     batch = {**chips, target: y, f"{target}.valid": valid}
     before, after = fit_loss(model, batch)
-    assert after < 0.7 * before
+    assert after < (0.7 if task == "regression" else 0.85) * before  # terrain says little about colour
     out = model.predict(batch)
     assert out.shape == (24, len(bands), 32, 32)
     corrupted = dict(batch, **{target: batch[target].clone()})
@@ -249,8 +249,8 @@ def test_finetune_spec_errors_name_the_problem(sample_manifest, sample_spec, bas
     from earthray.train.finetune import complete_task
 
     bundle = load_bundle(base_bundle)
-    with pytest.raises(ConfigError, match="needs labelled groups"):
-        complete_task(TaskSpec(task="segmentation", classes=["a"]), bundle, sample_manifest, ["vhr_rgbn"])
+    with pytest.raises(ConfigError, match=r"needs labelled groups; \['vhr_rgbn'\]"):
+        complete_task(TaskSpec(task="segmentation"), bundle, sample_manifest, [GROUP, "vhr_rgbn"])
     with pytest.raises(ConfigError, match="none of the model's inputs"):
         complete_task(TaskSpec(task="segmentation", classes=["a"]), bundle, sample_manifest, ["s2_l1c"])
     with pytest.raises(ConfigError, match="task.target"):

@@ -40,7 +40,9 @@ def sample_request(root: Path, size: int = 64) -> bytes:
         with rasterio.open(f) as src:
             bands.append(src.read(1, window=window))
             profile = {"crs": src.crs, "transform": src.window_transform(window), "dtype": src.dtypes[0]}
-    data = np.stack(bands)
+    # The files are int16 with a few values outside the 8-bit DN range Landsat 7 sends (the sensor's dtype).
+    data = np.clip(np.stack(bands), 0, 255).astype(np.uint8)
+    profile["dtype"] = "uint8"
     with MemoryFile() as mem:
         with mem.open(driver="GTiff", width=size, height=size, count=len(bands), **profile) as dst:
             dst.write(data)
@@ -94,14 +96,14 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
             with httpx.Client(base_url=base, timeout=120) as http:
                 out.answers["models"] = http.get("/models").json()
                 chip = sample_request(root)
-                query = {"bands": ",".join(LANDSAT7)}
+                query = {"bands": ",".join(f"landsat7_etm:{b}" for b in LANDSAT7)}  # the model has 5 sensors
                 answer = http.post(f"/models/{MODEL}/predict", content=chip, params=query,
                                    headers={"content-type": "image/tiff"})
-                answer.raise_for_status()
+                _ok(answer)
                 out.answers["predict"] = answer.json()
                 tiff = http.post(f"/models/{MODEL}/predict", content=chip, params=query | {"format": "geotiff"},
                                  headers={"content-type": "image/tiff"})
-                tiff.raise_for_status()
+                _ok(tiff)
                 target = root / "work" / "quickstart" / "served-landcover.tif"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tiff.content)
@@ -131,6 +133,11 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
     if previews:
         out.outputs["reconstruction preview"] = str(previews[-1])
     return out
+
+
+def _ok(response) -> None:
+    if response.is_error:
+        raise ValueError(f"{response.request.method} {response.request.url}: {response.status_code} {response.text}")
 
 
 def _summary(answer: dict) -> str:

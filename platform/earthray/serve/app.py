@@ -153,7 +153,9 @@ class ModelServer:
 
     async def batch_stats(self) -> dict[str, int]:
         """Batches run and requests in them since the replica started (mean batch size = requests / batches)."""
-        return {"batches": self.batches, "requests": self.requests}
+        import torch
+
+        return {"batches": self.batches, "requests": self.requests, "torch_threads": torch.get_num_threads()}
 
     async def predict(self, image: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self._batched(image)

@@ -16,16 +16,19 @@ comes from the trial's exported bundle.
 Resources: Tune reserves per trial a placement group of the trial driver and the probe task;
 the Train workers reserve their own placement group, and Ray Data tasks run outside both. Tune
 cannot see the workers' share, so the number of concurrent trials is set from the cluster's
-CPUs (one trial at a time on a laptop), never more than fit.
+CPUs (one trial at a time on a laptop), never more than fit. A stopped trial's worker placement
+group is removed by the sweep (see ``release_placement_group``).
 
 Re-running a sweep resumes it (``Tuner.restore``): finished trials stay finished, errored and
-unfinished ones restart, and a restarted trial's pretraining resumes from its last checkpoint.
+unfinished ones restart, and a restarted trial's pretraining resumes from its last registered
+checkpoint (a trial resumed past a rung is not scored at that rung).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +243,8 @@ def run_trial(config: dict, plan: dict) -> None:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     release_placement_group(workdir, wait_s=60)  # an earlier attempt of this trial was killed mid-run
+    for stale in workdir.glob("probe-*"):  # bundles exported by a probe killed with that attempt
+        shutil.rmtree(stale, ignore_errors=True)
     fixed: dict[str, Any] = {"name": f"{plan['sweep']}-{trial_id}", "workdir": str(workdir), "address": None,
                              "tracking": {**plan["base"]["tracking"], "tracking_uri": plan["tracking_uri"],
                                           "experiment": plan["experiment"]}}
