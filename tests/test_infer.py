@@ -188,7 +188,7 @@ def test_resume_skips_finished_scenes_and_reports_a_corrupt_one(ray_session, bun
 
 
 def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
-    from earthray.serve.infer import load_infer_spec
+    from earthray.serve.infer import infer, load_infer_spec
 
     spec = tmp_path / "infer.yaml"
     spec.write_text(f"model: {bundle}\nscenes: [{scene_file}]\noutput: out\nbatch_size: 0\n")
@@ -197,9 +197,12 @@ def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
     earthray = Path(sys.executable).parent / "earthray"
     run = subprocess.run([str(earthray), "infer", str(spec)], capture_output=True, text=True)
     assert run.returncode == 2 and "batch_size" in run.stderr
-    spec.write_text(f"model: {tmp_path / 'nope'}\nscenes: [{scene_file}]\noutput: out\n")
-    run = subprocess.run([str(earthray), "infer", str(spec)], capture_output=True, text=True)
-    assert run.returncode == 2 and "not a bundle" in run.stderr
+    spec.write_text(f"model: nope\nscenes: ['{tmp_path}/*.none']\noutput: out\n")
+    with pytest.raises(ConfigError, match="not a bundle"):
+        infer(load_infer_spec(spec))
+    spec.write_text(f"model: {bundle}\nscenes: ['{tmp_path}/*.none']\noutput: out\n")
+    with pytest.raises(ConfigError, match="matches no file"):
+        infer(load_infer_spec(spec))
     shipped = load_infer_spec(ROOT / "jobs" / "infer-landcover.yaml")
     assert shipped.model == "models:/landcover@champion" and shipped.scenes[0][0].endswith("lsat7_2000_10.tif")
     assert shipped.output == str(ROOT / "jobs" / "../work/inference/landcover")

@@ -348,12 +348,12 @@ def infer(
     Exit 3 if any scene failed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from earthray.bundle import BundleError
-    from earthray.serve.infer import infer as run_infer
-    from earthray.serve.infer import load_infer_spec
+    from earthray.serve.spec import load_infer_spec
 
     try:
         infer_spec = load_infer_spec(spec)
+        from earthray.serve.infer import infer as run_infer
+
         if address:
             infer_spec.address = address
         with Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), TextColumn("windows {task.description}"),
@@ -368,7 +368,7 @@ def infer(
 
             result = run_infer(infer_spec, on_scene=on_scene,
                                on_windows=lambda done, total: progress.update(bar, completed=done, total=total))
-    except (ConfigError, BundleError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # infer reports bundle problems as ConfigErrors
         _fail(str(e))
     counts = {s: sum(r.status == s for r in result.scenes) for s in ("done", "skipped", "failed")}
     console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "

@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from earthray.config import ConfigError, StrictModel, load_yaml
+from earthray.config import ConfigError
 from earthray.serve.predictor import (
     NODATA_CLASS,
     SCENE,
@@ -54,57 +53,11 @@ from earthray.serve.predictor import (
     prepare,
     tile_starts,
 )
+from earthray.serve.spec import InferSpec, load_infer_spec
+
+__all__ = ["InferResult", "InferSpec", "SceneResult", "infer", "load_infer_spec"]
 
 FINGERPRINT_TAG = "EARTHRAY_INFER"
-
-
-class InferSpec(StrictModel):
-    """A batch-inference job. Paths are relative to the spec file."""
-
-    model: str = Field(description="fine-tuned bundle folder or models:/NAME@ALIAS / models:/NAME/VERSION")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ (default: "
-                                     "MLFLOW_TRACKING_URI)")
-    scenes: list[str | list[str]] = Field(min_length=1, description="files or globs; a list is one scene made "
-                                          "of one-band files (a band stack)")
-    bands: list[str] | None = Field(None, description="names of the scenes' bands, in file order, when the files "
-                                    "do not name them (default: the band descriptions)")
-    output: str = Field(description="folder for <stem>.tif (+ .probabilities.tif, .chips.parquet)")
-    overlap: float = Field(0.25, ge=0, lt=1, description="window overlap (fraction of the input size)")
-    batch_size: int = Field(16, ge=1, description="windows per forward pass")
-    windows_per_read: int = Field(32, ge=1, description="windows per read task")
-    actors: int = Field(1, ge=1, description="model actors")
-    actor_cpus: float = Field(1.0, gt=0)
-    read_cpus: float = Field(0.5, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
-    cog: bool = Field(True, description="write Cloud-Optimised GeoTIFFs")
-    probabilities: bool = Field(False, description="segmentation: also write per-class probabilities (float32)")
-    embeddings: bool = Field(False, description="also write per-window encoder embeddings with centroids (Parquet)")
-    overwrite: bool = Field(False, description="replace outputs another model or other settings wrote")
-    address: str | None = Field(None, description="Ray cluster address (default: local Ray)")
-
-    @field_validator("scenes")
-    @classmethod
-    def _no_empty_stacks(cls, v):
-        if any(isinstance(s, list) and not s for s in v):
-            raise ValueError("an empty band stack")
-        return v
-
-
-def load_infer_spec(path: str | Path) -> InferSpec:
-    path = Path(path)
-    spec = load_yaml(path, InferSpec)
-    base = path.parent
-
-    def rel(p: str) -> str:
-        return p if "://" in p or p.startswith("models:/") or Path(p).is_absolute() else str(base / p)
-
-    spec.model = rel(spec.model)
-    spec.output = rel(spec.output)
-    spec.scenes = [[rel(p) for p in s] if isinstance(s, list) else rel(s) for s in spec.scenes]
-    uri = spec.tracking_uri
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        spec.tracking_uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
-    return spec
 
 
 @dataclass
