@@ -27,6 +27,7 @@ checkpoint (a trial resumed past a rung is not scored at that rung).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -407,17 +408,25 @@ def _best(rows: list[TrialRow], mode: str) -> TrialRow | None:
 
 def _record(sweep: Sweep, result: SweepResult) -> None:
     """Trial statuses on the child runs; the best trial, its score and every row on the sweep's run."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri, parent = result.tracking_uri, result.parent_run_id
     client = MlflowClient(tracking_uri=uri)
     for row in result.rows:
-        if row.run_id is None:
+        try:
+            run = client.get_run(row.run_id) if row.run_id else None
+        except MlflowException:
+            run = None
+        if run is None:
+            if row.run_id:
+                logging.getLogger(__name__).warning("trial %s: its MLflow run %s is not in %s", row.trial_id,
+                                                    row.run_id, uri)
             continue
         client.set_tag(row.run_id, f"{SWEEP_TAG}.status", row.status)
         # a trial stopped at a rung was killed mid-pretraining, whatever its run recorded then
         final = {"stopped": "KILLED", "error": "FAILED", "interrupted": "KILLED"}.get(row.status)
-        if final and client.get_run(row.run_id).info.status != final:
+        if final and run.info.status != final:
             client.set_terminated(row.run_id, status=final)
     counts = {s: sum(r.status == s for r in result.rows) for s in ("done", "stopped", "error", "interrupted")}
     tracking.log_metrics(uri, parent, {f"trials_{k}": v for k, v in counts.items()}, step=0)
