@@ -23,8 +23,11 @@ EXIT_QUARANTINE = 3
 SensorsOpt = typer.Option(None, "--sensors", help="extra sensor catalogue YAML (adds or overrides sensors)")
 
 
-def _fail(message: str, code: int = EXIT_CONFIG) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+def _fail(problem: str | Exception, code: int = EXIT_CONFIG) -> None:
+    """Print one error line and exit; a KeyError's message without the quotes ``str()`` adds."""
+    if isinstance(problem, KeyError) and problem.args:
+        problem = problem.args[0]
+    err.print(f"[bold red]error:[/] {problem}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -127,7 +130,7 @@ def pretrain(
                         f"{pretrain_spec.max_steps} steps); worker progress follows"):
             result = run_pretrain(pretrain_spec)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+        _fail(e)
     console.print(f"[bold green]done[/] {result.name}: step {result.metrics.get('step')}", highlight=False)
     console.print(f"bundle: {result.bundle}\ncheckpoint: {result.checkpoint}\n"
                   f"MLflow run {result.run_id} in {result.tracking_uri} "
@@ -152,7 +155,7 @@ def finetune(
                         f"on {ft.bundle}; worker progress follows"):
             result = run_finetune(ft)
     except (ConfigError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+        _fail(e)
     scores = " ".join(f"{k[4:]} {v:.4g}" for k, v in result.metrics.items() if k.startswith("val_"))
     console.print(f"[bold green]done[/] {result.name}: {scores}", highlight=False)
     console.print(f"bundle: {result.bundle}\nMLflow run {result.run_id} in {result.tracking_uri}", highlight=False)
@@ -181,7 +184,7 @@ def evaluate(
         with err.status(f"evaluating {bundle} on {eval_spec.data.group} ({', '.join(eval_spec.methods)})"):
             result = run_evaluate(bundle, eval_spec)
     except (ConfigError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+        _fail(e)
     metrics = sorted({k.split("/", 1)[1] for k in result.scores}, key=["oa", "miou", "f1", "map"].index)
     table = Table(title=f"{bundle} on {eval_spec.data.group}: {result.n_train} train / {result.n_eval} eval samples")
     for col in ("method", *metrics):
@@ -210,7 +213,7 @@ def quickstart(
     try:
         result = run_quickstart(root, port=port, step=lambda line: err.print(line, highlight=False))
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+        _fail(e)
     table = Table(title=f"earthray quickstart: done in {time.perf_counter() - started:.0f} s")
     table.add_column("what")
     table.add_column("where")
@@ -392,7 +395,7 @@ def sweep(
             plan.spec.address = address
         result = run_sweep(plan)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+        _fail(e)
     console.print(summary_table(result))
     if result.best is not None:
         values = ", ".join(f"{k}={v}" for k, v in result.best.config.items())

@@ -21,19 +21,13 @@ from earthray.registry import RegisteredBundle, register_bundle
 from earthray.runtime import ensure_ray
 from earthray.train import tracking
 from earthray.train.loop import WEIGHTS
-from earthray.train.run import fit, sensors_of
+from earthray.train.run import PretrainResult, fit, sensors_of
 from earthray.train.spec import FinetuneSpec
 
 
 @dataclass
-class FinetuneResult:
-    name: str
-    run_id: str
-    tracking_uri: str
-    checkpoint: Path
-    bundle: Path
-    metrics: dict
-    registered: RegisteredBundle | None
+class FinetuneResult(PretrainResult):
+    registered: RegisteredBundle | None = None
 
 
 def complete_task(task: TaskSpec, bundle: Bundle, manifest: dict, groups: list[str]) -> TaskSpec:
@@ -43,16 +37,15 @@ def complete_task(task: TaskSpec, bundle: Bundle, manifest: dict, groups: list[s
     inputs = task.inputs or [s.name for s in bundle.sensors if s.name != task.target]
     if not held & set(inputs):
         raise ConfigError(f"task.inputs: groups {groups} hold {sorted(held)}, none of the model's inputs {inputs}")
-    if task.task in ("classification", "multilabel", "segmentation", "change"):
-        labels = [manifest["groups"][g]["label"] for g in groups]
-        if task.task == "change" and not any(labels):
-            pass  # labels are derived from the series (change_threshold)
-        elif not all(labels):
-            raise ConfigError(f"data.groups: task {task.task!r} needs labelled groups; "
-                              f"{[g for g, lab in zip(groups, labels) if not lab]} have no labels")
-        elif task.task != "change":
-            update["classes"] = task.classes or labels[0]["classes"]
-            update["ignore_index"] = labels[0].get("ignore_index", task.ignore_index)
+    labels = [manifest["groups"][g]["label"] for g in groups]
+    unlabelled = [g for g, lab in zip(groups, labels) if not lab]
+    classes = task.task in ("classification", "multilabel", "segmentation")
+    # change detection derives its labels when no group has any (change_threshold)
+    if unlabelled and (classes or (task.task == "change" and len(unlabelled) < len(groups))):
+        raise ConfigError(f"data.groups: task {task.task!r} needs labelled groups; {unlabelled} have no labels")
+    if classes:
+        update["classes"] = task.classes or labels[0]["classes"]
+        update["ignore_index"] = labels[0].get("ignore_index", task.ignore_index)
     if task.task in ("regression", "translation"):
         if task.target not in held:
             raise ConfigError(f"task.target: {task.target!r} is not in groups {groups} (they hold {sorted(held)})")
