@@ -4,6 +4,8 @@ MLflow registry round trip; bad specs refused with the field named."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -122,8 +124,9 @@ def test_change_head_learns_derived_change_on_the_real_s1_series(sample_manifest
     label, _ = model.targets(batch)
     changed = (label == 1).float().mean().item()
     assert 0.02 < changed < 0.98, changed  # a real mix of changed and unchanged pixels
-    before, after = fit_loss(model, batch, steps=30)
-    assert after < 0.8 * before
+    prior = -(changed * math.log(changed) + (1 - changed) * math.log(1 - changed))
+    _, after = fit_loss(model, batch, steps=60)
+    assert after < 0.8 * prior, (after, prior)  # well below predicting the change rate everywhere
     assert model.predict(batch).shape == (len(label), 2, 16, 16)
 
 

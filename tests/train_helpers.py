@@ -30,6 +30,19 @@ def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def check_resumed_once(steps: list[int], resumed: list[int], max_steps: int, every: int) -> None:
+    """One restart from a checkpoint; every step logged, and only the steps after that checkpoint redone.
+
+    The span redone is not bounded by ``every``: a checkpoint the workers reported just before the
+    failure may not be registered by the controller yet, and a restart resumes from a registered one.
+    """
+    assert len(resumed) == 1 and resumed[0] % every == 0 and resumed[0] >= every, resumed
+    assert set(steps) == set(range(1, max_steps + 1)), "steps lost"
+    repeated = sorted(s for s in set(steps) if steps.count(s) > 1)
+    assert all(steps.count(s) == 2 for s in repeated), "a step logged more than twice"
+    assert repeated == list(range(resumed[0] + 1, resumed[0] + 1 + len(repeated))), (resumed, repeated)
+
+
 def registered_checkpoint_steps(spec: PretrainSpec) -> list[int]:
     """Steps of the checkpoints Ray Train's controller has registered (what a restart resumes from).
 
