@@ -113,3 +113,26 @@ def test_writer_streams_windows_and_leaves_nothing_on_failure(tmp_path):
         with RasterWriter(tmp_path / "failed.tif", grid, 1, "uint8") as w:
             raise RuntimeError("model crashed")
     assert list(tmp_path.iterdir()) == [tmp_path / "ok.tif"]
+
+
+def test_quicklook_draws_classes_and_nodata_at_bounded_size(tmp_path):
+    from PIL import Image
+
+    from earthray.io import quicklook
+    from earthray.io.quicklook import PALETTE
+
+    grid = Grid(rasterio.crs.CRS.from_epsg(32631), rasterio.transform.from_origin(600000, 4800000, 10, 10), 400, 200)
+    labels = np.repeat(np.arange(4, dtype=np.uint8), 100)[None].repeat(200, axis=0)  # 4 vertical stripes
+    labels[:50] = 255
+    write_raster(tmp_path / "map.tif", labels[None], grid, nodata=255)
+    png = np.asarray(Image.open(quicklook(tmp_path / "map.tif", tmp_path / "map.png", max_side=100)))
+    assert png.shape == (50, 100, 3)
+    assert (png[:12] == 0).all()  # nodata rows are black
+    for k in range(4):
+        assert (png[30, k * 25 + 12] == PALETTE[k]).all()
+
+    grid1 = Grid(grid.crs, grid.transform, 40, 20)
+    ramp = np.linspace(-5, 5, 40, dtype=np.float32)[None].repeat(20, axis=0)
+    grey = np.asarray(Image.open(quicklook(write_raster(tmp_path / "v.tif", ramp[None], grid1), tmp_path / "v.png")))
+    assert grey.shape == (20, 40, 3) and grey[0, 0, 0] == 0 and grey[0, -1, 0] == 255
+    assert (np.diff(grey[0, :, 0].astype(int)) >= 0).all()  # a monotone stretch

@@ -59,12 +59,16 @@ def make_bundle(path: Path, task: str, stats: dict, seed: int) -> Path:
     torch.manual_seed(seed)
     l7 = get_sensor("landsat7_etm").select(L7)
     sensors, kw = [l7], {"classes": CLASSES}
+    if task == "fused":  # a multi-sensor land-cover model, as fine-tuned on a multi-sensor pretrained bundle
+        sensors, task = [get_sensor("vhr_rgbn"), l7], "segmentation"
     if task == "regression":
         sensors = [l7, get_sensor("dem")]
         kw = {"inputs": ["landsat7_etm"], "target": "dem", "target_bands": ["elevation"],
               "target_stats": {"mean": [120.0], "std": [35.0]}}
     model = TaskModel(create_recipe("ofa", sensors, "tiny"), TaskSpec(task=task, **kw), SIZE)
     norm = {"landsat7_etm": stats}
+    if len(sensors) == 2 and sensors[0].name == "vhr_rgbn":
+        norm["vhr_rgbn"] = {"mean": [115.0, 115.0, 105.0, 130.0], "std": [55.0, 50.0, 50.0, 55.0]}
     if task == "regression":
         norm["dem"] = {"mean": [100.0], "std": [50.0]}
     return save_bundle(path, model.encoder, recipe="ofa", preset="tiny", config=model.encoder.config, sensors=sensors,
@@ -108,7 +112,7 @@ def bundles(tmp_path_factory, scene):
     stats = {"mean": [float(b[ok].mean()) for b in data], "std": [float(b[ok].std()) for b in data]}
     root = tmp_path_factory.mktemp("bundles")
     return {task: make_bundle(root / task, task, stats, seed)
-            for seed, task in enumerate(["segmentation", "classification", "regression"])}
+            for seed, task in enumerate(["segmentation", "classification", "regression", "fused"])}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +136,7 @@ def server(ray_session, bundles, registry_uri):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     models = {"landcover": "models:/landcover@champion", "scenes": str(bundles["classification"]),
-              "elevation": str(bundles["regression"])}
+              "elevation": str(bundles["regression"]), "fused": str(bundles["fused"])}
     serve.run(build_app({"models": models, "tracking_uri": registry_uri, "max_models_per_replica": 2,
                          "max_batch_size": 4, "max_pixels": 200 * 200, "max_request_bytes": 2 * 2**20,
                          "auth_token": TOKEN}), name="earthray", route_prefix="/")
@@ -176,7 +180,7 @@ def margin_ok(probs: np.ndarray, eps: float = 1e-4) -> np.ndarray:
 def test_health_readiness_models_and_openapi(client, server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}  # no token needed for probes
     ready = httpx.get(f"{server}/ready", timeout=60)
-    assert ready.status_code == 200 and set(ready.json()["models"]) == {"landcover", "scenes", "elevation"}
+    assert ready.status_code == 200 and set(ready.json()["models"]) == {"landcover", "scenes", "elevation", "fused"}
     models = {m["name"]: m for m in client.get("/models").json()["models"]}
     assert models["landcover"]["task"] == "segmentation" and models["landcover"]["bands"] == L7
     assert models["landcover"]["source"] == "models:/landcover/1"  # the alias pinned to its version
@@ -287,6 +291,53 @@ def test_second_model_is_multiplexed_on_the_same_host(client, scene, bundles, tm
     again = client.post("/models/landcover/predict", files={"file": ("c.tif", geotiff_bytes(tmp_path, raw, valid, grid))})
     assert again.status_code == 200
     assert loaded() == ["elevation", "landcover"]
+
+
+def test_a_multi_sensor_model_answers_from_the_sensors_given(client, scene, bundles):
+    """VHR + Landsat 7 land cover, asked with Landsat 7 alone: the absent sensor drops out of the fusion."""
+    fused = client.get("/models/fused").json()
+    assert [s["name"] for s in fused["sensors"]] == ["vhr_rgbn", "landsat7_etm"]
+    raw, valid, _ = chip(scene, 60, 200)
+    direct = Direct(bundles["fused"])  # calls the model with Landsat 7 only
+    x, ok = direct.normalise(raw, valid)
+    probs = direct(x[None], ok[None])[0]
+    ints = np.where(valid, raw, 0).astype(np.uint8)
+    npy = {"content-type": "application/x-npy"}
+    names = ",".join(f"landsat7_etm:{b}" for b in L7)
+    r = client.post("/models/fused/predict", params={"format": "geotiff", "bands": names}, content=npy_bytes(ints),
+                    headers=npy)
+    assert r.status_code == 200, r.text
+    with rasterio.MemoryFile(r.content) as mem, mem.open() as ds:
+        labels = ds.read(1)
+    sure = margin_ok(probs) & ok
+    assert sure.mean() > 0.9
+    np.testing.assert_array_equal(labels[sure], probs.argmax(0)[sure])
+
+    part = client.post("/models/fused/predict", params={"bands": "R,G,B"}, content=npy_bytes(ints[:3]), headers=npy)
+    assert part.status_code == 422 and "for vhr_rgbn; missing NIR" in part.json()["error"]
+    none = client.post("/models/fused/predict", params={"bands": "X,Y"}, content=npy_bytes(ints[:2]), headers=npy)
+    assert none.status_code == 422 and "at least one of its sensors" in none.json()["error"]
+
+
+def test_windows_carrying_different_sensors_batch_together(bundles, scene):
+    """One batch mixing an image with both sensors and one with Landsat 7 only (as ``@serve.batch`` may)."""
+    from earthray.serve.predictor import Predictor, prepare
+
+    predictor = Predictor.load("fused", bundles["fused"], device="cpu")
+    raw, valid, _ = chip(scene, 60, 200, 40, 40)
+    ints = np.where(valid, raw, 0).astype(np.uint8)
+    vhr = np.random.default_rng(0).integers(1, 255, (4, 40, 40), dtype=np.uint8)
+    l7_info, l7_order = predictor.info.select([f"landsat7_etm:{b}" for b in L7], 6)
+    assert [s.name for s in l7_info.sensors] == ["landsat7_etm"] and l7_order == list(range(6))
+    both_info, order = predictor.info.select(["R", "G", "B", "NIR"] + [f"landsat7_etm:{b}" for b in L7], 10)
+    assert both_info is predictor.info
+    l7_only = prepare(l7_info, ints)
+    both = prepare(both_info, np.concatenate([vhr, ints])[order])
+    mixed = predictor.predict([both, l7_only])
+    alone = predictor.predict([both]) + predictor.predict([l7_only])
+    for m, a in zip(mixed, alone):
+        np.testing.assert_allclose(m, a, atol=1e-5)
+    assert not np.allclose(mixed[0], mixed[1], atol=1e-3)  # the VHR bands did change the answer
 
 
 def bad_requests(scene, tmp_path):

@@ -57,6 +57,7 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
 
     from earthray.data.ingest import ingest
     from earthray.data.spec import load_spec
+    from earthray.io import quicklook
     from earthray.runtime import ensure_ray
     from earthray.serve.app import run_config
     from earthray.serve.infer import infer, load_infer_spec
@@ -121,6 +122,8 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
         step(f"      {scene.scene}: {scene.status} -> {scene.output or scene.reason}")
         if scene.output:
             out.outputs["land-cover map"] = scene.output
+            png = quicklook(scene.output, root / "work" / "quickstart" / "landcover-map.png")
+            out.outputs["land-cover preview"] = str(png)
 
     previews = sorted((root / "work" / "mlartifacts").glob(f"*/{pre.run_id}/artifacts/previews/*.png"))
     out.outputs |= {

@@ -251,7 +251,7 @@ def _from_array(info: ModelInfo, array: np.ndarray, names, nodata, max_pixels) -
     _check_pixels(array.shape[1], array.shape[2], max_pixels)
     if array.dtype.kind not in "iuf":
         raise RequestError(f"pixel values must be integers or floats; got dtype {array.dtype}", 422)
-    order = info.band_order(names, array.shape[0])
+    info, order = info.select(names, array.shape[0])
     info.check_size(*array.shape[1:])
     return prepare(info, array[order], None, "sensor" if nodata is None else nodata)
 
@@ -276,7 +276,7 @@ def _from_geotiff(info: ModelInfo, body: bytes, names, nodata, max_pixels):
             raise RequestError(f"pixel values must be integers or floats; got dtype {bad[0]}", 422)
         if names is None and all(descriptions):
             names = list(descriptions)
-        order = info.band_order(names, count)
+        info, order = info.select(names, count)
         info.check_size(height, width)
         fallback = nodata if nodata is not None else info.sensors[0].nodata
         try:

@@ -83,6 +83,8 @@ class _Plan:
     name: str
     source: str | list[str]
     order: list[int]
+    sensors: list[str]
+    """The model's sensors this scene carries (a multi-sensor model runs on any of them)."""
     grid: Any
     rows: list[int]
     cols: list[int]
@@ -181,7 +183,7 @@ def _plan(spec: InferSpec, info: ModelInfo, weights: str) -> tuple[list[_Plan], 
             if spec.bands and len(spec.bands) != count:
                 raise RequestError(f"the spec names {len(spec.bands)} bands ({', '.join(spec.bands)}); the scene "
                                    f"has {count}")
-            order = info.band_order(spec.bands or names, count)
+            carried, order = info.select(spec.bands or names, count)
             if grid.height < size or grid.width < size:
                 raise RequestError(f"{grid.width}x{grid.height} is smaller than the model's input "
                                    f"{size}x{size}")
@@ -199,7 +201,7 @@ def _plan(spec: InferSpec, info: ModelInfo, weights: str) -> tuple[list[_Plan], 
                                        "model or other settings (overwrite: true replaces it)"))
             continue
         prints[i] = fp
-        plans.append(_Plan(i, name, source, order, grid, tile_starts(grid.height, size, spec.overlap),
+        plans.append(_Plan(i, name, source, order, [s.name for s in carried.sensors], grid, tile_starts(grid.height, size, spec.overlap),
                            tile_starts(grid.width, size, spec.overlap), stem))
     return plans, results, prints
 
@@ -218,22 +220,26 @@ def read_windows(batch: dict[str, np.ndarray], scenes: dict[int, dict], info: Mo
     keys = [s.name for s in info.sensors]
     out: dict[str, Any] = {k: np.zeros((n, len(s.bands), size, size), np.float32) for k, s in zip(keys, info.sensors)}
     out |= {f"{k}.valid": np.zeros((n, size, size), bool) for k in keys}
+    out |= {f"{k}.present": np.zeros(n, bool) for k in keys}
     errors = [""] * n
     opened: dict[int, Any] = {}
+    carried = {i: info.only(scene["sensors"]) for i, scene in scenes.items()}
     try:
         for j in range(n):
             i = int(batch["scene"][j])
             try:
                 if i not in opened:
-                    opened[i] = open_scene(scenes[i]["source"], nodata=info.sensors[0].nodata)
+                    opened[i] = open_scene(scenes[i]["source"], nodata=carried[i].sensors[0].nodata)
                 data, valid = opened[i].read(Window(int(batch["col"][j]), int(batch["row"][j]), size, size))
                 order = scenes[i]["order"]
-                image = prepare(info, data[order], valid[order], None, nan_is_nodata=True, require_valid=False)
+                image = prepare(carried[i], data[order], valid[order], None, nan_is_nodata=True, require_valid=False)
             except (RasterError, RequestError) as e:
                 errors[j] = f"window at row {int(batch['row'][j])}, column {int(batch['col'][j])}: {e}"
                 continue
             for k, v in image.items():
                 out[k][j] = v
+            for s in carried[i].sensors:
+                out[f"{s.name}.present"][j] = True
     finally:
         for scene in opened.values():
             scene.close()
@@ -251,14 +257,15 @@ class WindowPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         info = self.predictor.info
         keys = [s.name for s in info.sensors]
-        valid = pixel_valid(info, {f"{k}.valid": batch[f"{k}.valid"] for k in keys})
+        flags = [f"{k}.{f}" for k in keys for f in ("valid", "present")]
+        valid = pixel_valid(info, {f: batch[f] for f in flags})
         run = np.flatnonzero((batch["error"] == "") & valid.any(axis=(1, 2)))
         n, size, k = len(batch["scene"]), info.input_size, len(info.outputs)
         shape = (n, k) if info.task in SCENE else (n, k, size, size)
         out = np.zeros(shape, np.float32)
         emb = None
         if len(run):
-            sub = {key: batch[key][run] for key in keys + [f"{k}.valid" for k in keys]}
+            sub = {key: batch[key][run] for key in keys + flags}
             o, e = self.predictor.forward(sub, embed=self.embeddings)
             out[run] = o
             if e is not None:
@@ -367,7 +374,7 @@ class _Stitcher:
 
     def _chip(self, row, col, out, valid, predicted, embedding) -> None:
         g, s = self.plan.grid, self.size
-        x, y = g.transform * (col + s / 2, row + s / 2)
+        x, y = g.transform @ (col + s / 2, row + s / 2)
         entry = {"row": row, "col": col, "x": float(x), "y": float(y), "valid_fraction": float(valid.mean())}
         if embedding is not None:
             entry["embedding"] = embedding.astype(np.float32) if predicted else None
@@ -446,7 +453,7 @@ def infer(spec: InferSpec, on_scene: Callable[[SceneResult], None] | None = None
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     items = [{"scene": p.index, "row": r, "col": c} for p in plans for r in p.rows for c in p.cols]
-    scenes = {p.index: {"source": p.source, "order": p.order} for p in plans}
+    scenes = {p.index: {"source": p.source, "order": p.order, "sensors": p.sensors} for p in plans}
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // spec.windows_per_read)))
     ds.context.execution_options.preserve_order = True  # the dataset's own copy of the context
     ds = ds.map_batches(read_windows, fn_kwargs={"scenes": scenes, "info": info}, batch_size=spec.windows_per_read,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +126,19 @@ class ModelInfo:
 
     # -- checks ---------------------------------------------------------------------------------------
 
-    def band_order(self, names: Sequence[str] | None, count: int) -> list[int]:
-        """Indices into the input's ``count`` bands giving the model's bands in its order."""
+    def select(self, names: Sequence[str] | None, count: int) -> tuple[ModelInfo, list[int]]:
+        """The model restricted to the sensors the input carries in full, and the indices into the input's
+        ``count`` bands giving those sensors' bands in the model's order.
+
+        A multi-sensor model answers from any non-empty subset of its sensors: the absent ones drop out of
+        the fusion (``fuse_sensors``), as in MaRS's missing-modality setting. A sensor given in part is refused.
+        """
         expected = ", ".join(self.band_names)
         if not names:
             if count != len(self.bands):
                 raise RequestError(f"model {self.name!r} takes {len(self.bands)} bands ({expected}); the input has "
                                    f"{count} (name the input's bands to pick a subset)")
-            return list(range(count))
+            return self, list(range(count))
         names = [str(n).strip() for n in names]
         if len(names) != count:
             raise RequestError(f"{len(names)} band names given ({', '.join(names)}) for an input with {count} bands")
@@ -152,11 +157,29 @@ class ModelInfo:
                                        f"{' or '.join(f'{s}:{b}' for s, b in matches)}")
             for m in matches:
                 where[m] = i
-        missing = [name for name, key in zip(self.band_names, self.bands) if key not in where]
-        if missing:
-            raise RequestError(f"model {self.name!r} needs bands {expected}; missing {', '.join(missing)} "
-                               f"(the input has {', '.join(names)})")
-        return [where[key] for key in self.bands]
+        label = dict(zip(self.bands, self.band_names))
+        listed = {s.name: ", ".join(label[(s.name, b)] for b in s.band_names) for s in self.sensors}
+        present = []
+        for s in self.sensors:
+            missing = [label[(s.name, b)] for b in s.band_names if (s.name, b) not in where]
+            if missing and (len(missing) < len(s.bands) or len(self.sensors) == 1):
+                of = f" for {s.name}" if len(self.sensors) > 1 else ""
+                raise RequestError(f"model {self.name!r} needs bands {listed[s.name]}{of}; missing "
+                                   f"{', '.join(missing)} (the input has {', '.join(names)})")
+            if not missing:
+                present.append(s.name)
+        if not present:
+            options = "; ".join(f"{n}: {bands}" for n, bands in listed.items())
+            raise RequestError(f"model {self.name!r} needs every band of at least one of its sensors ({options}); "
+                               f"the input has {', '.join(names)}")
+        sub = self if len(present) == len(self.sensors) else self.only(present)
+        return sub, [where[key] for key in sub.bands]
+
+    def only(self, sensors: Sequence[str]) -> ModelInfo:
+        """This contract restricted to some of its input sensors (kept in the model's order)."""
+        keep = [s for s in self.sensors if s.name in sensors]
+        return replace(self, sensors=keep, stats={s.name: self.stats[s.name] for s in keep},
+                       bands=[(s, b) for s, b in self.bands if s in sensors])
 
     def check_size(self, height: int, width: int) -> None:
         s = self.input_size
@@ -170,7 +193,9 @@ class ModelInfo:
 def prepare(info: ModelInfo, data: np.ndarray, valid: np.ndarray | None = None,
             nodata: float | None | str = "sensor", nan_is_nodata: bool = False,
             require_valid: bool = True) -> dict[str, np.ndarray]:
-    """Raw pixels ``(C, H, W)`` in the model's band order -> ``{sensor: (C_s, H, W) float32, sensor.valid: (H, W)}``.
+    """Raw pixels ``(C, H, W)`` in ``info``'s band order -> ``{sensor: (C_s, H, W) float32, sensor.valid: (H, W)}``.
+
+    ``info`` is the model's contract, or the part of it an input carries (``ModelInfo.select``).
 
     ``valid`` (per band, like ``Scene.read``'s) comes from the source's masks; ``nodata`` is the value
     that marks missing pixels (NaN allowed), ``"sensor"`` each sensor's catalogue value, None none;
@@ -222,8 +247,20 @@ def _representable(value: float, dtype: np.dtype) -> bool:
 
 
 def pixel_valid(info: ModelInfo, image: dict[str, np.ndarray]) -> np.ndarray:
-    """Where every input sensor is valid: where an answer is given (elsewhere: nodata)."""
-    return np.logical_and.reduce([image[f"{s.name}.valid"] for s in info.sensors])
+    """Where every sensor the input carries is valid: where an answer is given (elsewhere: nodata).
+
+    A sensor is carried when its ``.valid`` key is there and, for batches, its ``.present`` flag is set.
+    """
+    masks = []
+    for s in info.sensors:
+        if f"{s.name}.valid" not in image:
+            continue
+        valid = image[f"{s.name}.valid"]
+        if f"{s.name}.present" in image:
+            absent = ~np.asarray(image[f"{s.name}.present"], bool)
+            valid = valid | absent.reshape(absent.shape + (1,) * (valid.ndim - absent.ndim))
+        masks.append(valid)
+    return np.logical_and.reduce(masks)
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -287,15 +324,16 @@ class Predictor:
         n = len(next(iter(batch.values())))
         tensors: dict[str, torch.Tensor] = {}
         for s in self.info.sensors:
-            tensors[s.name] = torch.from_numpy(np.ascontiguousarray(batch[s.name])).to(self.device)
-            tensors[f"{s.name}.valid"] = torch.from_numpy(np.ascontiguousarray(batch[f"{s.name}.valid"])).to(
-                self.device)
-            tensors[f"{s.name}.present"] = torch.ones(n, dtype=torch.bool, device=self.device)
+            if s.name not in batch:  # absent from every window: left out of the fusion
+                continue
+            for key in (s.name, f"{s.name}.valid", f"{s.name}.present"):
+                value = batch[key] if key in batch else np.ones(n, bool)
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
         emb = None
         if embed:  # TaskModel.predict, keeping the features it computes on the way
             feats = self.model._encode(tensors)
             emb = feats[-1].float().mean(dim=(2, 3)).cpu().numpy()
-            size = tensors[self.info.sensors[0].name].shape[-2:]
+            size = next(t for k, t in tensors.items() if "." not in k).shape[-2:]
             out = self.model.head(feats) if self.info.task in SCENE else self.model.head(feats, size)
         else:
             out = self.model.predict(tensors)
@@ -310,27 +348,43 @@ class Predictor:
         return out.cpu().numpy(), emb
 
     def predict(self, images: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        """Whole prepared images -> per image ``(K,)`` or ``(K, H, W)``, windows batched across the images."""
+        """Whole prepared images -> per image ``(K,)`` or ``(K, H, W)``, windows batched across the images.
+
+        Images may carry different subsets of the model's sensors; in a batch, a sensor some windows lack is
+        zeros there with its ``.present`` flag off.
+        """
         s = self.info.input_size
         tiles: list[tuple[int, int, int]] = []
+        shapes = []
         for i, img in enumerate(images):
-            h, w = img[f"{self.info.sensors[0].name}.valid"].shape
+            h, w = next(v for k, v in img.items() if k.endswith(".valid")).shape
             self.info.check_size(h, w)
+            shapes.append((h, w))
             tiles += [(i, r, c) for r in tile_starts(h, s, self.overlap) for c in tile_starts(w, s, self.overlap)]
         single = [sum(1 for t in tiles if t[0] == i) == 1 for i in range(len(images))]
         results: list[np.ndarray | None] = [None] * len(images)
         weights: list[np.ndarray | None] = [None] * len(images)
         for lo in range(0, len(tiles), self.max_tiles):
             chunk = tiles[lo:lo + self.max_tiles]
-            keys = list(images[chunk[0][0]])
-            batch = {k: np.stack([images[i][k][..., r:r + s, c:c + s] for i, r, c in chunk]) for k in keys}
+            batch: dict[str, np.ndarray] = {}
+            for sensor in self.info.sensors:
+                carried = [sensor.name in images[i] for i, _, _ in chunk]
+                if not any(carried):
+                    continue
+                blank = np.zeros((len(sensor.bands), s, s), np.float32)
+                batch[sensor.name] = np.stack([images[i][sensor.name][:, r:r + s, c:c + s] if has else blank
+                                               for (i, r, c), has in zip(chunk, carried)])
+                batch[f"{sensor.name}.valid"] = np.stack(
+                    [images[i][f"{sensor.name}.valid"][r:r + s, c:c + s] if has else blank[0] > 0
+                     for (i, r, c), has in zip(chunk, carried)])
+                batch[f"{sensor.name}.present"] = np.array(carried)
             out, _ = self.forward(batch)
             for (i, r, c), o in zip(chunk, out):
                 if single[i]:
                     results[i] = o
                     continue
                 if results[i] is None:
-                    h, w = images[i][keys[-1]].shape[-2:]
+                    h, w = shapes[i]
                     results[i] = np.zeros((o.shape[0], h, w), np.float32)
                     weights[i] = np.zeros((h, w), np.float32)
                 results[i][:, r:r + s, c:c + s] += o * self._weight
