@@ -205,4 +205,4 @@ def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
         infer(load_infer_spec(spec))
     shipped = load_infer_spec(ROOT / "jobs" / "infer-landcover.yaml")
     assert shipped.model == "models:/landcover@champion" and shipped.scenes[0][0].endswith("lsat7_2000_10.tif")
-    assert shipped.output == str(ROOT / "jobs" / "../work/inference/landcover")
+    assert shipped.output == str(ROOT / "work" / "inference" / "landcover")

@@ -216,7 +216,7 @@ def quickstart(
         _fail(e)
     table = Table(title=f"earthray quickstart: done in {time.perf_counter() - started:.0f} s")
     table.add_column("what")
-    table.add_column("where")
+    table.add_column("where", overflow="fold")
     for what, where in result.outputs.items():
         table.add_row(what, where)
     console.print(table)

@@ -6,6 +6,7 @@ Every spec earthray reads (sensor catalogues, ingest, jobs, sweeps) goes through
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,3 +67,19 @@ def validate(model: type[M], data: Any, source: str) -> M:
 
 def load_yaml(path: str | Path, model: type[M]) -> M:
     return validate(model, read_yaml(path), str(path))
+
+
+def resolve_path(value: str, base: str | Path) -> str:
+    """A path a spec names, made absolute against the spec file's folder ``base``.
+
+    Specs are written relative to where they live, so a job runs the same from any working
+    directory. URIs (``s3://``, ``models:/``) and absolute paths pass through; a relative
+    ``sqlite:///`` tracking URI is made absolute like a path; a glob keeps its pattern.
+    """
+    if value.startswith("sqlite:///"):
+        db = value[len("sqlite:///"):]
+        return value if db.startswith("/") or db.startswith(":memory:") else f"sqlite:///{resolve_path(db, base)}"
+    if "://" in value or value.startswith("models:/") or Path(value).is_absolute():
+        return value
+    base = Path(base).resolve()
+    return str(base / value) if glob.has_magic(value) else str((base / value).resolve())

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from earthray.config import ConfigError, StrictModel, load_yaml
+from earthray.config import ConfigError, StrictModel, load_yaml, resolve_path
 
 
 class SourceSpec(StrictModel):
@@ -133,25 +132,19 @@ def load_spec(path: str | Path) -> IngestSpec:
     return resolve_paths(spec, Path(path).parent)
 
 
-def _resolve(p: str, base: Path) -> str:
-    if "://" in p or os.path.isabs(p):
-        return p
-    return str((base / p).resolve()) if not glob.has_magic(p) else str(base.resolve() / p)
-
-
 def resolve_paths(spec: IngestSpec, base: Path) -> IngestSpec:
     spec = spec.model_copy(deep=True)
-    spec.output = _resolve(spec.output, base)
+    spec.output = resolve_path(spec.output, base)
     if spec.sensors_file:
-        spec.sensors_file = _resolve(spec.sensors_file, base)
+        spec.sensors_file = resolve_path(spec.sensors_file, base)
     for inp in spec.inputs:
         for src in inp.sensors.values():
             if src.path:
-                src.path = _resolve(src.path, base)
+                src.path = resolve_path(src.path, base)
             if src.stack:
-                src.stack = [_resolve(p, base) for p in src.stack]
+                src.stack = [resolve_path(p, base) for p in src.stack]
         if inp.label:
-            inp.label.path = _resolve(inp.label.path, base)
+            inp.label.path = resolve_path(inp.label.path, base)
     return spec
 
 

@@ -49,7 +49,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from earthray.config import ConfigError, StrictModel, format_validation_error
+from earthray.config import ConfigError, StrictModel, format_validation_error, resolve_path
 from earthray.serve.predictor import NODATA_CLASS, SCENE, ModelInfo, Predictor, RequestError, pixel_valid, prepare
 
 IMPORT_PATH = "earthray.serve.app:build_app"
@@ -580,13 +580,8 @@ def load_serve_config(path: str | Path, port: int | None = None, host: str | Non
 
 
 def _resolve_paths(args: AppArgs, base: Path) -> AppArgs:
-    from earthray import registry
-
-    models = {n: s if registry.is_registry_uri(s) or "://" in s or Path(s).is_absolute() else str((base / s).resolve())
-              for n, s in args.models.items()}
-    uri = args.tracking_uri
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    models = {n: resolve_path(s, base) for n, s in args.models.items()}
+    uri = resolve_path(args.tracking_uri, base) if args.tracking_uri else None
     return args.model_copy(update={"models": models, "tracking_uri": uri})
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from earthray.config import StrictModel, load_yaml
+from earthray.config import StrictModel, load_yaml, resolve_path
 
 
 class InferSpec(StrictModel):
@@ -42,17 +42,12 @@ class InferSpec(StrictModel):
 
 
 def load_infer_spec(path: str | Path) -> InferSpec:
-    path = Path(path)
     spec = load_yaml(path, InferSpec)
-    base = path.parent
-
-    def rel(p: str) -> str:
-        return p if "://" in p or p.startswith("models:/") or Path(p).is_absolute() else str(base / p)
-
-    spec.model = rel(spec.model)
-    spec.output = rel(spec.output)
-    spec.scenes = [[rel(p) for p in s] if isinstance(s, list) else rel(s) for s in spec.scenes]
-    uri = spec.tracking_uri
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        spec.tracking_uri = f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    base = Path(path).parent
+    spec.model = resolve_path(spec.model, base)
+    spec.output = resolve_path(spec.output, base)
+    spec.scenes = [[resolve_path(p, base) for p in s] if isinstance(s, list) else resolve_path(s, base)
+                   for s in spec.scenes]
+    if spec.tracking_uri:
+        spec.tracking_uri = resolve_path(spec.tracking_uri, base)
     return spec

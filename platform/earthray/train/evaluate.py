@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from earthray.bundle import Bundle, load_bundle
-from earthray.config import ConfigError, StrictModel, load_yaml
+from earthray.config import ConfigError, StrictModel, load_yaml, resolve_path
 from earthray.data.manifest import load_manifest
 from earthray.data.pipeline import GroupReader, read_group
 from earthray.models.heads import fuse_sensors
@@ -110,11 +110,8 @@ class EvaluateSpec(StrictModel):
 def load_evaluate_spec(path: str | Path) -> EvaluateSpec:
     """Load a spec; ``workdir`` and ``data.root`` are relative to the spec file."""
     spec = load_yaml(path, EvaluateSpec)
-    base = Path(path).resolve().parent
     for obj, attr in ((spec, "workdir"), (spec.data, "root")):
-        value = getattr(obj, attr)
-        if "://" not in value:
-            setattr(obj, attr, str((base / value).resolve()))
+        setattr(obj, attr, resolve_path(getattr(obj, attr), Path(path).parent))
     return spec
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from earthray.config import StrictModel, load_yaml
+from earthray.config import StrictModel, load_yaml, resolve_path
 from earthray.recipes.finetune import TaskSpec
 
 
@@ -117,12 +117,9 @@ class FinetuneSpec(TrainSpec):
 def load_train_spec(path: str | Path, cls: type[TrainSpec]) -> TrainSpec:
     """Load a spec; ``workdir``, ``data.root`` and a bundle folder are relative to the spec file."""
     spec = load_yaml(path, cls)
-    base = Path(path).resolve().parent
     targets = [(spec, "workdir"), (spec.data, "root")] + ([(spec, "bundle")] if isinstance(spec, FinetuneSpec) else [])
     for obj, attr in targets:
-        value = getattr(obj, attr)
-        if "://" not in value and not value.startswith("models:/"):
-            setattr(obj, attr, str((base / value).resolve()))
+        setattr(obj, attr, resolve_path(getattr(obj, attr), Path(path).parent))
     return spec
 
 

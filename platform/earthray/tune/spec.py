@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from earthray.config import ConfigError, StrictModel, format_validation_error, load_yaml, validate
+from earthray.config import ConfigError, StrictModel, format_validation_error, load_yaml, resolve_path, validate
 from earthray.data.manifest import load_manifest
 from earthray.recipes import get_recipe_class, resolve_config
 from earthray.train.evaluate import EvaluateSpec, load_evaluate_spec
@@ -281,16 +281,12 @@ class Sweep:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _relative(base: Path, value: str) -> str:
-    return value if "://" in value else str((base / value).resolve())
-
-
 def _load_evaluation(value: str | dict, here: Path, source: str) -> EvaluateSpec:
     if isinstance(value, str):
         return load_evaluate_spec(here / value)
     spec = validate(EvaluateSpec, value, f"{source}: objective.evaluate")
-    spec.workdir = _relative(here, spec.workdir)
-    spec.data.root = _relative(here, spec.data.root)
+    spec.workdir = resolve_path(spec.workdir, here)
+    spec.data.root = resolve_path(spec.data.root, here)
     return spec
 
 
@@ -323,7 +319,7 @@ def load_sweep(path: str | Path) -> Sweep:
     source = str(path)
     spec = load_yaml(path, SweepSpec)
     here = Path(path).resolve().parent
-    spec.workdir = _relative(here, spec.workdir)
+    spec.workdir = resolve_path(spec.workdir, here)
     base_path = here / spec.base
     if not base_path.is_file():
         raise ConfigError(f"{source}: base: no job spec at {base_path}")
@@ -357,7 +353,7 @@ def load_sweep(path: str | Path) -> Sweep:
     evaluation = _load_evaluation(o.evaluate, here, source) if o.evaluate is not None else None
     heldout = None
     if o.heldout is not None:
-        heldout = o.heldout.model_copy(update={"root": _relative(here, o.heldout.root) if o.heldout.root
+        heldout = o.heldout.model_copy(update={"root": resolve_path(o.heldout.root, here) if o.heldout.root
                                                else base.data.root})
     sweep = Sweep(spec, source, base, evaluation, heldout)
     _check_objective(sweep, source)
