@@ -395,3 +395,22 @@ def test_flip_rotate_edge_cases():
     assert flip_rotate(classification, ["opt"], torch.Generator())["label"] is classification["label"]
     with pytest.raises(ValueError, match="opt"):
         flip_rotate({"opt": torch.zeros(2, 3, 8, 6)}, ["opt"], torch.Generator())
+
+
+def test_epoch_cache_replays_every_row_once_in_a_new_order_per_epoch():
+    from earthray.train.loop import EpochCache
+
+    rows = torch.arange(43)  # 5 full batches of 8 and a remainder, as a drop_last stream never yields
+
+    def stream():
+        return ({"x": rows[i:i + 8], "y": -rows[i:i + 8]} for i in range(0, 40, 8))
+
+    cache = EpochCache(1)
+    assert torch.equal(torch.cat([b["x"] for b in cache("g", stream, seed=1)]), rows[:40])  # first epoch: streamed
+    epoch = [b for b in cache("g", stream, seed=1)]
+    assert all(len(b["x"]) == 8 and torch.equal(b["y"], -b["x"]) for b in epoch)
+    one = torch.cat([b["x"] for b in epoch])
+    assert sorted(one.tolist()) == list(range(40)) and not torch.equal(one, rows[:40])
+    assert torch.equal(one, torch.cat([b["x"] for b in cache("g", stream, seed=1)]))  # repeatable
+    assert not torch.equal(one, torch.cat([b["x"] for b in cache("g", stream, seed=2)]))
+    assert torch.equal(torch.cat([b["x"] for b in cache("g", stream)]), rows[:40])  # held-out: stream order

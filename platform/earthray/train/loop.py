@@ -14,6 +14,7 @@ import logging
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,35 +56,45 @@ class _Meter:
 
 
 class EpochCache:
-    """Keeps a worker's batches of a small group in memory after its first full epoch.
+    """Keeps a worker's rows of a small group in memory after its first full epoch.
 
     Every epoch of a Ray Data stream starts a new streaming execution (seconds on a small
     machine), which dominates when a group holds only a few batches (a labelled fine-tuning
-    set, the sample data). Batches repeat in the same order, as a resumed epoch expects;
-    augmentation is applied afterwards, so epochs still differ.
+    set, the sample data). A replayed epoch is re-batched in an order drawn from ``seed``
+    (one per epoch and worker, so a resumed run replays it the same way), or in stream order
+    without a seed (held-out sets).
     """
 
     def __init__(self, limit_mb: float):
         self.limit = limit_mb * 2**20
-        self.kept: dict[str, list] = {}
+        self.kept: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
         self.too_big: set[str] = set()
 
-    def __call__(self, name: str, make_stream):
+    def __call__(self, name: str, make_stream, seed: int | None = None):
         if name in self.kept:
-            yield from self.kept[name]
+            rows, size = self.kept[name]
+            n = len(next(iter(rows.values())))
+            if seed is None:
+                order, last = torch.arange(n), n
+            else:  # full batches only, as the stream gave them (drop_last)
+                order, last = torch.randperm(n, generator=torch.Generator().manual_seed(seed)), n - n % size
+            for i in range(0, last, size):
+                idx = order[i:i + size]
+                yield {k: v[idx] for k, v in rows.items()}
             return
-        batches, size = [], 0
+        batches, total = [], 0
         for batch in make_stream():
             if name not in self.too_big:
-                size += sum(v.numel() * v.element_size() for v in batch.values())
-                if size > self.limit:
+                total += sum(v.numel() * v.element_size() for v in batch.values())
+                if total > self.limit:
                     self.too_big.add(name)
                     batches = []
                 else:
                     batches.append(batch)
             yield batch
-        if name not in self.too_big:
-            self.kept[name] = batches
+        if name not in self.too_big and batches:
+            self.kept[name] = ({k: torch.cat([b[k] for b in batches]) for k in batches[0]},
+                               len(next(iter(batches[0].values()))))
 
 
 def _progress_logger() -> logging.Logger:
@@ -181,7 +192,11 @@ def train_loop(config: dict) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
     while step < spec.max_steps:
-        streams = {g: cache(g, lambda g=g, bs=bs: shards[g].iter_torch_batches(batch_size=bs, drop_last=True))
+        # rows are mixed anew each epoch, repeatably (a resumed epoch sees the same order)
+        order = hash((spec.seed, epoch, rank)) & 0x7FFFFFFF if spec.data.shuffle_buffer else None
+        streams = {g: cache(g, partial(shards[g].iter_torch_batches, batch_size=bs, drop_last=True,
+                                       local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
+                                       local_shuffle_seed=order), seed=order)
                    for g, bs in spec.data.groups.items()}
         stream = iter(interleave(streams))
         micro, seen = 0, 0

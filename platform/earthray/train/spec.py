@@ -18,6 +18,9 @@ class DataSpec(StrictModel):
     split: str = "train"
     max_dates: int = Field(8, ge=1, description="dates sampled per time series")
     augment: bool = True
+    shuffle_buffer: int = Field(1024, ge=0, description="rows per worker and group mixed before batching, with an "
+                                "order drawn anew each epoch (shards keep chips in scene order: without it a batch "
+                                "is one small area); 0: shard order")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data decode task")
     cache_mb: float = Field(512, ge=0, description="per worker and group: keep a group's batches in memory after "
                             "one epoch when they fit (small sets skip a stream restart per epoch); 0: never")
