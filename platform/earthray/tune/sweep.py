@@ -505,7 +505,7 @@ def summary_table(result: SweepResult):
     table = Table(title=title)
     table.add_column("trial", no_wrap=True)
     for col in (*result.paths, result.metric, "step", "loss"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")  # names wrap, not "model…"
     table.add_column("status", no_wrap=True)
 
     def num(v: Any) -> str:
