@@ -371,11 +371,11 @@ class Predictor:
                 carried = [sensor.name in images[i] for i, _, _ in chunk]
                 if not any(carried):
                     continue
-                blank = np.zeros((len(sensor.bands), s, s), np.float32)
+                blank, nowhere = np.zeros((len(sensor.bands), s, s), np.float32), np.zeros((s, s), bool)
                 batch[sensor.name] = np.stack([images[i][sensor.name][:, r:r + s, c:c + s] if has else blank
                                                for (i, r, c), has in zip(chunk, carried)])
                 batch[f"{sensor.name}.valid"] = np.stack(
-                    [images[i][f"{sensor.name}.valid"][r:r + s, c:c + s] if has else blank[0] > 0
+                    [images[i][f"{sensor.name}.valid"][r:r + s, c:c + s] if has else nowhere
                      for (i, r, c), has in zip(chunk, carried)])
                 batch[f"{sensor.name}.present"] = np.array(carried)
             out, _ = self.forward(batch)
