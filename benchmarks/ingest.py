@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_scenes(Path(tmp), args.tiles, args.scenes)
         t0 = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray_start = time.perf_counter() - t0
 
         bare_s, bare_chips, nbytes = bare_read(paths, args.chip)

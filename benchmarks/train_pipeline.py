@@ -128,7 +128,7 @@ def main() -> None:
     bare = bare_loop(60, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         scene = make_scene(Path(tmp), args.tiles)
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
         manifest = ingest(IngestSpec(output=f"{tmp}/shards", chip_size=32, split={"train": 1.0, "val": 0.0,
                                      "test": 0.0}, inputs=[{"name": "rgbn", "sensors": {"vhr_rgbn": {"path": str(scene)}}}]))
         log_every = 10

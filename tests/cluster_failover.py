@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import ray
+from ray._common.utils import reset_ray_address
+from ray._private.utils import read_ray_address
 from ray.cluster_utils import Cluster
 
 from earthray.train.run import pretrain
@@ -24,6 +26,10 @@ def main(root: str, workdir: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        # Cluster records its head as this machine's current Ray (/tmp/ray/ray_current_cluster) and
+        # leaves the record behind; a later bare ray.init() would try to join the dead head.
+        if read_ray_address() == cluster.address:
+            reset_ray_address()
 
 
 def run(cluster: Cluster, root: str, workdir: str) -> None:

@@ -29,10 +29,12 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """A Ray of the run's own: "local" ignores RAY_ADDRESS and any cluster this machine has recorded."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     yield ray
     ray.shutdown()
 
