@@ -8,7 +8,7 @@ One run, side by side, through the platform's own jobs:
 3. for each seed, fine-tune the same FPN segmentation head with the same steps, data order and head
    init on (a) the pretrained encoder and (b) an encoder randomly initialised with that seed, with
    the same input normalisation, per encoder mode (``frozen`` by default; ``full`` too on request);
-4. print held-out mIoU / OA per seed, their mean and spread, and the paired gain.
+4. print held-out mIoU / OA per seed, their mean and spread, the paired gain, and IoU per class.
 
     python benchmarks/pretrain_vs_random.py [--seeds 5] [--modes frozen,full] [--pretrain-steps 400]
 
@@ -92,7 +92,7 @@ def main() -> None:
                            config=model.config, sensors=trained.sensors, input_size=meta["input_size"],
                            normalisation=meta["normalisation"])
 
-    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     for seed in range(args.seeds):
         arms = (("pretrained", pre.bundle), ("random init", random_bundle(1000 + seed)))
         for mode in args.modes.split(","):
@@ -105,22 +105,32 @@ def main() -> None:
                     "optim": {"lr": lr, "warmup_steps": 10, "weight_decay": 0.05},
                     "max_steps": args.finetune_steps, "checkpoint_every": args.finetune_steps,
                     "eval": {"split": "val", "batch_size": 64}}))
-                rows.setdefault((mode, label), []).append((result.metrics["val_miou"], result.metrics["val_oa"]))
-            print(f"seed {seed}: " + "  ".join(f"{m}/{lb} mIoU {v[-1][0]:.4f}" for (m, lb), v in rows.items()
+                rows.setdefault((mode, label), []).append(result.metrics)
+            print(f"seed {seed}: " + "  ".join(f"{m}/{lb} mIoU {v[-1]['val_miou']:.4f}" for (m, lb), v in rows.items()
                                                if m in args.modes.split(",")), flush=True)
+
+    def mean(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.mean(r[key] for r in runs)
 
     print(f"\nheld-out (val blocks, {counts.get('val')} chips) land-cover segmentation, OFA-Net tiny, "
           f"{args.finetune_steps} fine-tuning steps, {args.seeds} seeds")
     print(f"{'encoder':8} {'init':12} {'mIoU mean':>10} {'sd':>7} {'OA mean':>8}  per seed mIoU")
     for (mode, label), v in rows.items():
-        mious = [m for m, _ in v]
+        mious = [r["val_miou"] for r in v]
         print(f"{mode:8} {label:12} {statistics.mean(mious):10.4f} {statistics.pstdev(mious):7.4f} "
-              f"{statistics.mean(o for _, o in v):8.4f}  {' '.join(f'{m:.4f}' for m in mious)}")
+              f"{mean(v, 'val_oa'):8.4f}  {' '.join(f'{m:.4f}' for m in mious)}")
     for mode in args.modes.split(","):
-        gains = [p[0] - r[0] for p, r in zip(rows[(mode, "pretrained")], rows[(mode, "random init")])]
+        pairs = list(zip(rows[(mode, "pretrained")], rows[(mode, "random init")]))
+        gains = [p["val_miou"] - r["val_miou"] for p, r in pairs]
         sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
         print(f"gain ({mode} encoder): mIoU {statistics.mean(gains):+.4f} (paired sd {sd:.4f}, "
               f"pretrained ahead in {sum(g > 0 for g in gains)} of {len(gains)} seeds)")
+        classes = [k for k in pairs[0][0] if k.startswith("val_iou_")]
+        print(f"  IoU per class, mean over seeds ({mode} encoder):")
+        print(f"  {'class':16} {'pretrained':>10} {'random':>8} {'gain':>8}")
+        for k in classes:
+            p, r = mean(rows[(mode, "pretrained")], k), mean(rows[(mode, "random init")], k)
+            print(f"  {k[8:]:16} {p:10.4f} {r:8.4f} {p - r:+8.4f}")
     print(f"\nworkdir: {work}")
 
 

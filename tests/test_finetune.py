@@ -226,7 +226,8 @@ def test_finetune_on_ray_train_metrics_and_registry(sample_manifest, sample_spec
                          registry={"name": "landcover-test", "aliases": ["champion"]})
     result = finetune(spec)
     scores = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
-    assert set(scores) == {"val_oa", "val_f1", "val_miou"}
+    classes = TaskModel.from_bundle(load_bundle(result.bundle)).spec.classes
+    assert set(scores) == {"val_oa", "val_f1", "val_miou"} | {f"val_iou_{c}" for c in classes}
     assert all(0 <= v <= 1 for v in scores.values())
     expected = recompute(result.bundle, sample_manifest, sample_spec.output, "val")
     assert scores == pytest.approx(expected, abs=1e-6)  # every val row counted once across the 2 workers

@@ -156,8 +156,11 @@ def finetune(
             result = run_finetune(ft)
     except (ConfigError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(e)
-    scores = " ".join(f"{k[4:]} {v:.4g}" for k, v in result.metrics.items() if k.startswith("val_"))
+    val = {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}
+    scores = " ".join(f"{k} {v:.4g}" for k, v in val.items() if not k.startswith("iou_"))
     console.print(f"[bold green]done[/] {result.name}: {scores}", highlight=False)
+    if per_class := " ".join(f"{k[4:]} {v:.3g}" for k, v in val.items() if k.startswith("iou_")):
+        console.print(f"IoU per class: {per_class}", highlight=False)
     console.print(f"bundle: {result.bundle}\nMLflow run {result.run_id} in {result.tracking_uri}", highlight=False)
     if result.registered:
         console.print(f"registered {result.registered.uri} (aliases {', '.join(ft.registry.aliases)})",

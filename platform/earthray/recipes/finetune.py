@@ -253,6 +253,7 @@ class TaskModel(nn.Module):
         from torchmetrics import classification as C
         from torchmetrics import image as I
         from torchmetrics import regression as R
+        from torchmetrics.wrappers import ClasswiseWrapper
 
         task, s = self.spec.task, self.spec
         if task in ("classification", "segmentation", "change"):
@@ -261,6 +262,9 @@ class TaskModel(nn.Module):
                  "f1": C.MulticlassF1Score(k, average="macro", ignore_index=s.ignore_index)}
             if task != "classification":
                 m["miou"] = C.MulticlassJaccardIndex(k, average="macro", ignore_index=s.ignore_index)
+                labels = s.classes if task == "segmentation" else ["unchanged", "changed"]
+                m["iou"] = ClasswiseWrapper(C.MulticlassJaccardIndex(k, average="none", ignore_index=s.ignore_index),
+                                            labels=[str(c) for c in labels], prefix="iou_")
         elif task == "multilabel":
             k = s.outputs
             m = {"map": C.MultilabelAveragePrecision(k, average="macro"),
