@@ -131,6 +131,7 @@ def main() -> None:
         for k in classes:
             p, r = mean(rows[(mode, "pretrained")], k), mean(rows[(mode, "random init")], k)
             print(f"  {k[8:]:16} {p:10.4f} {r:8.4f} {p - r:+8.4f}")
+        print("  (nan: no held-out pixel has the class and no prediction made it)")
     print(f"\nworkdir: {work}")
 
 

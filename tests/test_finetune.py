@@ -228,9 +228,9 @@ def test_finetune_on_ray_train_metrics_and_registry(sample_manifest, sample_spec
     scores = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
     classes = TaskModel.from_bundle(load_bundle(result.bundle)).spec.classes
     assert set(scores) == {"val_oa", "val_f1", "val_miou"} | {f"val_iou_{c}" for c in classes}
-    assert all(0 <= v <= 1 for v in scores.values())
+    assert all(0 <= v <= 1 for v in scores.values() if not math.isnan(v))  # NaN: a class absent from val
     expected = recompute(result.bundle, sample_manifest, sample_spec.output, "val")
-    assert scores == pytest.approx(expected, abs=1e-6)  # every val row counted once across the 2 workers
+    assert scores == pytest.approx(expected, abs=1e-6, nan_ok=True)  # every val row counted once across 2 workers
 
     client = MlflowClient(result.tracking_uri)
     history = client.get_metric_history(result.run_id, "val_miou")

@@ -263,8 +263,10 @@ class TaskModel(nn.Module):
             if task != "classification":
                 m["miou"] = C.MulticlassJaccardIndex(k, average="macro", ignore_index=s.ignore_index)
                 labels = s.classes if task == "segmentation" else ["unchanged", "changed"]
-                m["iou"] = ClasswiseWrapper(C.MulticlassJaccardIndex(k, average="none", ignore_index=s.ignore_index),
-                                            labels=[str(c) for c in labels], prefix="iou_")
+                # NaN, not 0, for a class neither labelled nor predicted: the macro mIoU leaves it out too
+                per_class = C.MulticlassJaccardIndex(k, average="none", ignore_index=s.ignore_index,
+                                                     zero_division=float("nan"))
+                m["iou"] = ClasswiseWrapper(per_class, labels=[str(c) for c in labels], prefix="iou_")
         elif task == "multilabel":
             k = s.outputs
             m = {"map": C.MultilabelAveragePrecision(k, average="macro"),

@@ -9,6 +9,7 @@ registered in the MLflow Model Registry with its metrics and aliases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,17 +98,18 @@ def finetune(spec: FinetuneSpec, callbacks: list | None = None) -> FinetuneResul
                    "bundle_path": str(bundle_path)}
     result = fit(spec, loop_config, datasets, run_id, callbacks, split=groups)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    scores = {k: v for k, v in metrics.items() if k.startswith("val_") and not math.isnan(v)}  # NaN: undefined
     checkpoint = Path(result.checkpoint.path)
     out = export_finetuned(bundle, task, checkpoint, workdir / "bundles" / spec.name, provenance={
         "run_name": spec.name, "mlflow_run_id": run_id, "base_bundle": spec.bundle,
         "base_provenance": bundle.meta.get("provenance"), "data_root": spec.data.root, "groups": spec.data.groups,
-        "metrics": {k: v for k, v in metrics.items() if k.startswith("val_")}})
+        "metrics": scores})
     tracking.log_artifact(spec.tracking_uri, run_id, out, "bundle")
     registered = None
     if spec.registry:
         registered = register_bundle(out, spec.registry.name, tracking_uri=spec.tracking_uri, run_id=run_id,
                                      aliases=spec.registry.aliases,
-                                     metrics={k: v for k, v in metrics.items() if k.startswith("val_")},
+                                     metrics=scores,
                                      description=f"{task.task} head fine-tuned by {spec.name}")
     tracking.close_run(spec.tracking_uri, run_id, ok=True)
     return FinetuneResult(spec.name, run_id, spec.tracking_uri, checkpoint, out, metrics, registered)
