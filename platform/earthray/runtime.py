@@ -47,8 +47,12 @@ def resolve_address(address: str | None) -> str:
     return "local"
 
 
-def ensure_ray(address: str | None = None, preserve_order: bool = False) -> None:
+def ensure_ray(address: str | None = None, preserve_order: bool = False) -> str | None:
     """Start or join Ray once per process; quiet Ray Data's own progress output (earthray shows its own).
+
+    A local Ray gets its dashboard: Ray Train's placement-group cleaner polls the state API it serves
+    (and warns every few seconds without it), and users watch their jobs there. Returns its URL when
+    this call started or joined Ray.
 
     ``preserve_order`` makes Ray Data yield rows in a repeatable order, which a resumed training
     epoch relies on to skip the batches it had already used.
@@ -56,10 +60,13 @@ def ensure_ray(address: str | None = None, preserve_order: bool = False) -> None
     import ray
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    url = None
     if not ray.is_initialized():
-        ray.init(address=resolve_address(address), include_dashboard=False, configure_logging=False)
+        context = ray.init(address=resolve_address(address), include_dashboard=True, configure_logging=False)
+        url = context.dashboard_url and f"http://{context.dashboard_url}"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if preserve_order:
         ctx.execution_options.preserve_order = True
+    return url

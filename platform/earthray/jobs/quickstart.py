@@ -68,7 +68,8 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
     root = Path(root).resolve()
     jobs = root / "jobs"
     out = QuickstartResult()
-    ensure_ray()
+    if dashboard := ensure_ray():
+        step(f"Ray dashboard: {dashboard}")
 
     def stage(name: str, fn):
         step(f"[{len(out.seconds) + 1}/5] {name} ...")
