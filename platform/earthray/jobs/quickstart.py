@@ -86,7 +86,7 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
     pre = stage("pretrain OFA-Net tiny", lambda: pretrain(load_pretrain_spec(jobs / "pretrain-ofa-tiny.yaml")))
     step(f"      loss {pre.metrics.get('loss', float('nan')):.4f}; bundle {pre.bundle}")
     ft = stage("fine-tune the land-cover head", lambda: finetune(load_finetune_spec(jobs / "finetune-landcover.yaml")))
-    scores = {k: round(v, 4) for k, v in ft.metrics.items() if k.startswith("val_") and "_iou_" not in k}
+    scores = {k: round(v, 4) for k, v in ft.metrics.items() if k.startswith("val_") and not k.startswith("val_iou_")}
     step(f"      held-out {scores}; registered {ft.registered.uri if ft.registered else '-'} (@champion)")
 
     base = f"http://127.0.0.1:{port}"
