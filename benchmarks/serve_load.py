@@ -133,10 +133,12 @@ applications:
       batch_wait_timeout_s: {wait}
       max_ongoing_requests: {max(batch, concurrency)}
       max_queued_requests: -1
+      max_requests: {concurrency}
+      max_uploads: {concurrency}
     deployments:
       - name: Gateway
         num_replicas: 1
-        max_ongoing_requests: {concurrency * 2}
+        max_ongoing_requests: {concurrency + 32}
         ray_actor_options: {{num_cpus: 0.5}}
       - name: ModelServer
         num_replicas: 1

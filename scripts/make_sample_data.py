@@ -68,9 +68,33 @@ def crop_safe(src_zip: Path, dst_zip: Path, size_10m: int) -> None:
                 zout.writestr(info, zin.read(name))
 
 
+def copy_cube(src: Path, dst: Path) -> None:
+    """Lossless re-encode of a netCDF cube: dims, variables, stored values and attributes as they are, zlib on."""
+    import netCDF4
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with netCDF4.Dataset(src) as a, netCDF4.Dataset(dst, "w", format=a.data_model) as b:
+        b.setncatts({k: a.getncattr(k) for k in a.ncattrs()})
+        for name, dim in a.dimensions.items():
+            b.createDimension(name, None if dim.isunlimited() else len(dim))
+        for name, var in a.variables.items():
+            var.set_auto_maskandscale(False)
+            fill = var.getncattr("_FillValue") if "_FillValue" in var.ncattrs() else None
+            out = b.createVariable(name, var.datatype, var.dimensions, zlib=var.ndim >= 2, complevel=6,
+                                   shuffle=var.ndim >= 2, fill_value=fill)
+            out.set_auto_maskandscale(False)
+            out.setncatts({k: var.getncattr(k) for k in var.ncattrs() if k != "_FillValue"})
+            out[...] = var[...]
+
+
+# Landsat 8 SR/ST cubes are left out: the catalogue has no Landsat 8 surface-reflectance sensor yet.
+WORLDCEREAL = ("S1_GRD-ASCENDING_20m_", "S2_L2A_10m_", "S2_L2A_20m_", "OUTPUT_POLY-110_10m_")
+
+
 def main() -> None:
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    for folder in OUT.iterdir() if OUT.exists() else []:
+        if folder.is_dir():
+            shutil.rmtree(folder)  # PROVENANCE.md stays
     s1 = SRC / "sentinel1_camargue"
     for tif in sorted(s1.glob("*.tif")):
         copy_tif(tif, OUT / "s1_camargue" / tif.name)
@@ -90,6 +114,21 @@ def main() -> None:
         copy_tif(SRC / "rmnp_rgb_dem" / name, OUT / "rmnp_rgb_dem" / name)
     for tif in sorted((SRC / "landsat7_nc_labelled").glob("*.tif")):
         copy_tif(tif, OUT / "landsat7_nc" / tif.name)
+
+    for patch in sorted(p for p in (SRC / "worldcereal_flanders").iterdir() if p.is_dir()):
+        for nc in sorted(patch.glob("*.nc")):
+            if nc.name.startswith(WORLDCEREAL):
+                copy_cube(nc, OUT / "worldcereal_flanders" / patch.name / nc.name)
+    shutil.copy(SRC / "worldcereal_flanders" / "LICENSE", OUT / "worldcereal_flanders" / "LICENSE")
+    cube = SRC / "worldcereal_monthly_cube"
+    copy_cube(cube / "worldcereal_preprocessed_inputs.nc", OUT / "worldcereal_monthly" / "worldcereal_preprocessed_inputs.nc")
+    shutil.copy(cube / "LICENSE", OUT / "worldcereal_monthly" / "LICENSE")
+    ben = SRC / "bigearthnet_pairs"
+    for tif in sorted(ben.glob("*/*/*.tif")):
+        copy_tif(tif, OUT / "bigearthnet" / tif.parent.parent.name / tif.parent.name / tif.name)
+    for meta in sorted(ben.glob("*/*/*_labels_metadata.json")):
+        shutil.copy(meta, OUT / "bigearthnet" / meta.parent.parent.name / meta.parent.name / meta.name)
+    shutil.copy(ben / "LICENSE", OUT / "bigearthnet" / "LICENSE")
 
 
 if __name__ == "__main__":

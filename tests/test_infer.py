@@ -2,37 +2,48 @@
 
 A six-band GeoTIFF built from the real Landsat 7 sample (and a band stack of its one-band files), a
 fine-tuned bundle (random weights: answers are compared with direct ``TaskModel.predict`` calls on the same
-windows, blended here the documented way, independently of earthray's code). Also: resume skips a finished
-scene, a corrupt scene is reported while the others finish, embeddings with centroids, the CLI and
-the spec's errors.
+windows, blended here the documented way, independently of earthray's code). Also: the class map's colour
+table and class names, its PNG quicklook's legend, per-window embeddings as streamed GeoParquet (footprint,
+CRS, date), resume skips a finished scene, a corrupt scene is reported while the others finish, the CLI and
+the spec's errors (a tampered bundle is one line).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import rasterio
 import torch
+from PIL import Image
+from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from earthray.bundle import load_bundle, save_bundle
 from earthray.config import ConfigError
-from earthray.io import Grid, open_scene, write_raster
+from earthray.io import Grid, open_scene, quicklook, write_raster
+from earthray.io.write import CLASS_COLOURS
 from earthray.recipes import create_recipe
 from earthray.recipes.finetune import TaskModel, TaskSpec
 from earthray.sensors import get_sensor
+from earthray.serve.infer import CHIP_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]
 FILES = [str(ROOT / f"data/sample/landsat7_nc/lsat7_2000_{b}.tif") for b in (10, 20, 30, 40, 50, 70)]
 CLASSES = [f"class_{i}" for i in range(1, 8)]
 SIZE = 32
+ACQUIRED = dt.datetime(2000, 5, 4, 15, 30, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +53,8 @@ def scene_file(tmp_path_factory) -> Path:
         data, valid = scene.read()
         grid = scene.grid
     path = tmp_path_factory.mktemp("scenes") / "l7_2000.tif"
-    return write_raster(path, np.where(valid, data, np.float32(-99999)), grid, nodata=-99999, band_names=L7)
+    return write_raster(path, np.where(valid, data, np.float32(-99999)), grid, nodata=-99999, band_names=L7,
+                        tags={"ACQUISITIONDATETIME": ACQUIRED.isoformat()})
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +127,11 @@ def test_stitched_scene_matches_direct_model_calls(ray_session, bundle, scene_fi
         assert ds.crs == crs and ds.transform == transform and ds.shape == shape
         assert ds.dtypes == ("uint8",) and ds.nodata == 255 and json.loads(ds.tags()["classes"]) == CLASSES
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        colours = ds.colormap(1)  # the colour table survives the COG rewrite
         labels = ds.read(1)
+    assert [colours[i][:3] for i in range(len(CLASSES))] == [tuple(c) for c in CLASS_COLOURS[:len(CLASSES)]]
+    categories = ElementTree.parse(out / "l7_2000.tif.aux.xml").findall(".//CategoryNames/Category")
+    assert [c.text for c in categories] == CLASSES  # what GDAL and QGIS show as the classes' names
     with rasterio.open(out / "l7_2000.probabilities.tif") as ds:
         assert ds.count == len(CLASSES) and ds.transform == transform and ds.descriptions == tuple(CLASSES)
         got = ds.read()
@@ -126,12 +142,36 @@ def test_stitched_scene_matches_direct_model_calls(ray_session, bundle, scene_fi
     assert sure.sum() > 0.99 * ok.sum()
     np.testing.assert_array_equal(labels[sure], probs.argmax(0)[sure])
 
-    chips = pq.read_table(out / "l7_2000.chips.parquet").to_pandas()
-    assert len(chips) == n_windows and set(chips.columns) >= {"row", "col", "lon", "lat", "embedding"}
+    parquet = pq.ParquetFile(out / "l7_2000.chips.parquet")
+    assert parquet.metadata.num_row_groups == -(-n_windows // CHIP_ROWS)  # streamed, a row group at a time
+    geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
+    assert geo["primary_column"] == "geometry" and geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert CRS.from_user_input(json.dumps(geo["columns"]["geometry"]["crs"])) == crs  # PROJJSON of the scene's
+    chips = parquet.read().to_pandas()
+    assert len(chips) == n_windows and set(chips.columns) >= {"row", "col", "lon", "lat", "embedding", "date"}
+    assert (chips.date == pd.Timestamp(ACQUIRED)).all()
     first = chips[chips.valid_fraction > 0].iloc[0]
     dim = json.loads((bundle / "bundle.json").read_text())["head_spec"]["in_dims"][-1]
     assert len(first.embedding) == dim and np.isfinite(first.embedding).all()
     assert chips.lon.between(-80, -77).all() and chips.lat.between(35, 36.5).all()  # the scene is in North Carolina
+    for chip in chips.sample(5, random_state=0).itertuples():  # each geometry is its window's footprint
+        ring = polygon_ring(chip.geometry)
+        corners = [transform * (chip.col + dc, chip.row + dr) for dc, dr in ((0, 0), (SIZE, 0), (SIZE, SIZE), (0, SIZE))]
+        np.testing.assert_allclose(ring, [*corners, corners[0]])
+
+    png = quicklook(out / "l7_2000.tif", tmp_path / "map.png")
+    with Image.open(png) as image:
+        legend = np.asarray(image.convert("RGB"))[:, shape[1]:]
+    assert legend.shape[1] > 20  # a legend column beside the map: a swatch of every class's colour
+    swatches = {tuple(p) for p in legend.reshape(-1, 3)}
+    assert {tuple(int(v) for v in c) for c in CLASS_COLOURS[:len(CLASSES)]} <= swatches
+
+
+def polygon_ring(wkb: bytes) -> list[tuple[float, float]]:
+    """The exterior ring of a little-endian WKB polygon with one ring."""
+    order, kind, rings, points = struct.unpack_from("<BIII", wkb)
+    assert (order, kind, rings) == (1, 3, 1)
+    return [struct.unpack_from("<dd", wkb, 13 + 16 * i) for i in range(points)]
 
 
 def crop(path: str, folder: Path, rows: slice, cols: slice) -> str:
@@ -171,7 +211,8 @@ def test_resume_skips_finished_scenes_and_reports_a_corrupt_one(ray_session, bun
     assert first["garbage.tif"].status == "failed" and "cannot open" in first["garbage.tif"].reason
     assert first["truncated.tif"].status == "failed" and "read failed" in first["truncated.tif"].reason
     out = Path(spec.output)
-    assert sorted(p.name for p in out.iterdir()) == ["l7_2000.tif", "lsat7_2000_10.tif"]  # no partial files
+    assert sorted(p.name for p in out.iterdir()) == ["l7_2000.tif", "l7_2000.tif.aux.xml", "lsat7_2000_10.tif",
+                                                     "lsat7_2000_10.tif.aux.xml"]  # maps + class names, no partials
     with rasterio.open(out / "l7_2000.tif") as a, rasterio.open(out / "lsat7_2000_10.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
     stamp = (out / "l7_2000.tif").stat().st_mtime_ns
@@ -203,6 +244,14 @@ def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
     spec.write_text(f"model: {bundle}\nscenes: ['{tmp_path}/*.none']\noutput: out\n")
     with pytest.raises(ConfigError, match="matches no file"):
         infer(load_infer_spec(spec))
+    tampered = Path(shutil.copytree(bundle, tmp_path / "tampered"))
+    weights = tampered / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    spec.write_text(f"model: {tampered}\nscenes: [{scene_file}]\noutput: out\n")
+    run = subprocess.run([str(earthray), "infer", str(spec)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "model.safetensors sha256 mismatch" in " ".join(run.stderr.split())
+    assert "Traceback" not in run.stderr and run.stderr.strip().startswith("error:"), run.stderr  # one (wrapped) line
+    assert run.stderr.count("error:") == 1, run.stderr
     shipped = load_infer_spec(ROOT / "jobs" / "infer-landcover.yaml")
     assert shipped.model == "models:/landcover@champion" and shipped.scenes[0][0].endswith("lsat7_2000_10.tif")
     assert shipped.output == str(ROOT / "work" / "inference" / "landcover")

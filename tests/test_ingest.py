@@ -42,7 +42,9 @@ def test_counts_match_direct_computation(sample_spec, sample_manifest, sample_di
     m = sample_manifest
     assert m["schema_version"] == schema.SCHEMA_VERSION and not m["quarantine"]
     assert set(m["groups"]) == {"s1_grd_db", "s1_grd_db@series", "s2_l1c", "landsat8_oli_tirs", "vhr_rgbn",
-                                "vhr_rgb+dem", "landsat7_etm+label"}
+                                "vhr_rgb+dem", "landsat7_etm+label", "s2_l2a+s1_grd_db+label", "s2_l2a+s1_grd_db+dem",
+                                "s2_l2a_10m+s2_l2a@series+s1_grd_db@series+label",
+                                "s2_l2a_10m+s2_l2a@series+s1_grd_db@series", "bigearthnet"}
     expected = 0
     for tif in sorted((sample_dir / "s1_camargue").glob("*.tif")):
         expected += len(expected_chips(tif, 32, 32, -99, 0.5)[0])
@@ -51,7 +53,8 @@ def test_counts_match_direct_computation(sample_spec, sample_manifest, sample_di
     assert table.num_rows == expected
     assert sum(g["count"] for g in m["groups"].values()) == m["counts"]["total"]
     assert sum(m["counts"]["by_split"].values()) == m["counts"]["total"]
-    assert m["sensors"]["s1_grd_db"]["count"] == expected + m["groups"]["s1_grd_db@series"]["count"]
+    assert m["sensors"]["s1_grd_db"]["count"] == sum(g["present"].get("s1_grd_db", 0) for g in m["groups"].values())
+    assert m["groups"]["s1_grd_db"]["present"]["s1_grd_db"] == expected
 
 
 def test_stats_match_numpy_over_kept_chips(sample_manifest, sample_dir):
@@ -71,11 +74,18 @@ def test_stats_match_numpy_over_kept_chips(sample_manifest, sample_dir):
             if ok.mean() >= 0.5:
                 values.append(chip[ok])
     v = np.concatenate(values).astype(np.float64)
-    band = sample_manifest["sensors"]["s1_grd_db"]["bands"][0]
-    assert band["name"] == "VV" and band["stats"]["count"] == v.size
-    np.testing.assert_allclose(band["stats"]["mean"], v.mean(), rtol=1e-6)
-    np.testing.assert_allclose(band["stats"]["std"], v.std(), rtol=1e-5)
-    assert band["stats"]["min"] == pytest.approx(v.min()) and band["stats"]["max"] == pytest.approx(v.max())
+    groups = sample_manifest["groups"]
+    merged = [groups[g]["stats"]["s1_grd_db"]["VV"] for g in ("s1_grd_db", "s1_grd_db@series")]
+    count = sum(m["count"] for m in merged)
+    mean = sum(m["mean"] * m["count"] for m in merged) / count
+    var = sum((m["std"] ** 2 + (m["mean"] - mean) ** 2) * m["count"] for m in merged) / count
+    assert count == v.size
+    np.testing.assert_allclose(mean, v.mean(), rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(var), v.std(), rtol=1e-5)
+    assert min(m["min"] for m in merged) == pytest.approx(v.min()) and max(m["max"] for m in merged) == pytest.approx(v.max())
+    band = sample_manifest["sensors"]["s1_grd_db"]["bands"][0]  # every group's VV: more pixels, the same rule
+    assert band["name"] == "VV" and band["stats"]["count"] == sum(
+        g["stats"]["s1_grd_db"]["VV"]["count"] for g in groups.values() if "s1_grd_db" in g.get("stats", {}))
 
 
 def test_s2_stats_are_reflectance_over_valid_pixels(sample_spec, sample_manifest):

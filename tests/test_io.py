@@ -119,17 +119,18 @@ def test_quicklook_draws_classes_and_nodata_at_bounded_size(tmp_path):
     from PIL import Image
 
     from earthray.io import quicklook
-    from earthray.io.quicklook import PALETTE
+    from earthray.io.write import CLASS_COLOURS as PALETTE
 
     grid = Grid(rasterio.crs.CRS.from_epsg(32631), rasterio.transform.from_origin(600000, 4800000, 10, 10), 400, 200)
     labels = np.repeat(np.arange(4, dtype=np.uint8), 100)[None].repeat(200, axis=0)  # 4 vertical stripes
     labels[:50] = 255
     write_raster(tmp_path / "map.tif", labels[None], grid, nodata=255)
     png = np.asarray(Image.open(quicklook(tmp_path / "map.tif", tmp_path / "map.png", max_side=100)))
-    assert png.shape == (50, 100, 3)
-    assert (png[:12] == 0).all()  # nodata rows are black
+    assert png.shape[0] >= 50 and png.shape[1] > 100 and png.shape[2] == 3  # the map, then its legend
+    assert (png[:12, :100] == 0).all()  # nodata rows are black
     for k in range(4):
         assert (png[30, k * 25 + 12] == PALETTE[k]).all()
+        assert (png[:, 100:] == PALETTE[k]).all(axis=-1).any()  # the legend holds each class's swatch
 
     grid1 = Grid(grid.crs, grid.transform, 40, 20)
     ramp = np.linspace(-5, 5, 40, dtype=np.float32)[None].repeat(20, axis=0)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 
 import earthray.recipes.msgfm as msgfm_module
 from chips import loss_before_after, real_chip_group, real_chips, sample_bands
 from earthray.models.moe import MoEFFN
+from earthray.models.pretrained import WeightsError
 from earthray.recipes import count_parameters, create_recipe
 from earthray.recipes.msgfm import MsGFM
 from earthray.sensors import get_sensor
@@ -83,8 +86,39 @@ def test_loss_terms_on_a_mixed_batch():
     assert torch.allclose(out["loss"], recon + 0.01 * out["moe_aux"])
 
 
-def test_gradients_reach_all_trainable_parameters_and_never_the_teacher():
-    model = create_recipe("msgfm", _sensors(), "tiny", distill=True)
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
+    """A real timm Swin of the tiny teacher's widths at timm's own 224 px / window 7 (random weights:
+    no downloads here), with its classifier, as a user would save it."""
+    torch.manual_seed(21)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                              **MsGFM.presets["tiny"]["teacher_kwargs"])
+    path = tmp_path_factory.mktemp("gfm") / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path), model.state_dict()
+
+
+def test_distillation_teacher_comes_from_a_local_timm_file(teacher_file, tmp_path):
+    path, state = teacher_file
+    model = create_recipe("msgfm", _sensors(), "tiny", distill=True, teacher_weights=path)
+    loaded = model.teacher.state_dict()
+    tables = [k for k in loaded if k.endswith("relative_position_bias_table")]
+    assert tables and all(loaded[k].shape != state[k].shape for k in tables)  # resized from window 7 to 4
+    same = [k for k in loaded if k not in tables]
+    assert same and all(torch.equal(loaded[k], state[k]) for k in same)
+    assert not any(k.startswith("head.") for k in loaded)
+    assert model.stateful_tensors() == {}
+
+    with pytest.raises(ValueError, match="distill needs a teacher's weights"):
+        create_recipe("msgfm", _sensors(), "tiny", distill=True)
+    bad = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if k != "layers.0.blocks.1.mlp.fc1.weight"}, str(bad))
+    with pytest.raises(WeightsError, match="partial.safetensors: lacks 'layers.0.blocks.1.mlp.fc1.weight'"):
+        create_recipe("msgfm", _sensors(), "tiny", distill=True, teacher_weights=str(bad))
+
+
+def test_gradients_reach_all_trainable_parameters_and_never_the_teacher(teacher_file):
+    model = create_recipe("msgfm", _sensors(), "tiny", distill=True, teacher_weights=teacher_file[0])
     model.train()
     assert not model.teacher.training
     assert not any(p.requires_grad for p in model.teacher.parameters())
@@ -96,6 +130,32 @@ def test_gradients_reach_all_trainable_parameters_and_never_the_teacher():
                if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, missing
     assert len(model.moe_layers) == 3 and all(isinstance(m, MoEFFN) for m in model.moe_layers)
+
+
+def _gradient_order(cross_sensor_ratio: float) -> list[str]:
+    """The order in which parameters receive their gradients, with every token routed to expert 0."""
+    torch.manual_seed(0)
+    model = create_recipe("msgfm", ["vhr_rgb", "dem"], "tiny", cross_sensor_ratio=cross_sensor_ratio)
+    for moe in model.moe_layers:
+        moe.router = torch.nn.Linear(moe.router.in_features, moe.num_experts)
+        torch.nn.init.zeros_(moe.router.weight)
+        torch.nn.init.constant_(moe.router.bias, 0.0)
+        moe.router.bias.data[0] = 10.0
+    order: list[str] = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: order.append(name))
+    torch.manual_seed(1)
+    model(_pair(2))["loss"].backward()
+    assert all(m.tokens_per_expert[1:].sum() == 0 for m in model.moe_layers)
+    assert set(order) == {n for n, p in model.named_parameters() if p.requires_grad}
+    return order
+
+
+def test_routing_and_draws_never_change_which_parameters_get_gradients_or_when():
+    """DeepSpeed reduces gradients across ranks parameter by parameter as they arrive: experts left
+    without tokens and decoders no row was drawn for must still get their (zero) gradient, at the
+    same point of the backward pass, or the ranks' reductions stop matching."""
+    assert _gradient_order(0.0) == _gradient_order(1.0)
 
 
 def test_masks_differ_between_sensors_and_follow_the_ratio(masks):

@@ -94,6 +94,30 @@ def test_roles_follow_kind_and_resolution():
         assign_roles([get_sensor("dem")])
 
 
+def test_named_roles_override_the_gsd_rule():
+    """Sentinel-2's 10 m bands standing in for the HR view, as a co-located S1/S2 set needs."""
+    s2_10m = get_sensor("s2_l2a_10m")
+    s1 = get_sensor(SAR).select(["VV"])
+    assert assign_roles([s2_10m, s1]) == {"ms": "s2_l2a_10m", "sar": SAR}
+    assert assign_roles([s2_10m, s1], {"hr": "s2_l2a_10m"}) == {"hr": "s2_l2a_10m", "sar": SAR}
+    # a named role frees the rule's slot: two 10 m optical sensors, one named hr, the other ms by GSD
+    both = [s2_10m, get_sensor(MS).select(sample_bands(MS)), s1]
+    assert assign_roles(both, {"hr": "s2_l2a_10m", "ms": None}) == {"hr": "s2_l2a_10m", "ms": MS, "sar": SAR}
+    with pytest.raises(ValueError, match="one ms"):
+        assign_roles(both)
+    with pytest.raises(ValueError, match="hr_sensor 'naip' is not among"):
+        assign_roles(both, {"hr": "naip"})
+    with pytest.raises(ValueError, match="two roles"):
+        assign_roles(both, {"hr": MS, "ms": MS})
+
+    model = create_recipe("skysense", [s2_10m, s1], "tiny", hr_sensor="s2_l2a_10m", hr_img_size=32)
+    assert model.roles == {"hr": "s2_l2a_10m", "sar": SAR}
+    assert type(model.student.spatial["s2_l2a_10m"]).__name__ == "SwinEncoder"
+    chips = real_chips("s2_l1c", ["B02", "B03", "B04", "B08"], 32, 2)
+    out = loss_at(model, {"s2_l2a_10m": chips, SAR: real_chips(SAR, ["VV"], 16, 2)[:, None]})
+    assert torch.isfinite(out["loss"]) and "mgcl_s2_l2a_10m" in out
+
+
 def test_loss_dict_names_shapes_and_dtypes(batch):
     out = loss_at(_model(), batch)
     assert set(out) == {f"mgcl_{s}" for s in (HR, MS, SAR, "fusion")} | {"mgcl", "align", "loss"}
@@ -106,7 +130,7 @@ def test_gradients_reach_the_student_and_never_the_teacher_or_prototypes(batch):
     model = _model().train()
     assert list(model.teacher.parameters()) == []
     assert not any(m.training for m in model.teacher.modules())
-    assert not model.prototypes.prototypes.requires_grad
+    assert "prototypes" in dict(model.prototypes.named_buffers())  # never partitioned by ZeRO-3
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     protos_before = model.prototypes.prototypes.detach().clone()
     sgd_steps(model, batch)
@@ -117,7 +141,7 @@ def test_gradients_reach_the_student_and_never_the_teacher_or_prototypes(batch):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {"prototypes.prototypes", f"student.spatial.{HR}.mask_token"}
+    assert frozen == {f"student.spatial.{HR}.mask_token"}
     for name, value in model.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[name]), name
     assert torch.equal(model.prototypes.prototypes, protos_before)
@@ -138,6 +162,48 @@ def test_step_end_moves_teacher_by_ema_and_prototypes_of_seen_regions(batch):
     moved = (model.prototypes.prototypes != protos).flatten(1).any(dim=1)
     assert moved.nonzero().flatten().tolist() == seen.tolist()
     assert not torch.equal(model.dino["fusion"]["img"].center, center)
+
+
+def test_declared_state_is_what_the_step_end_hook_moves(batch):
+    """``stateful_tensors`` names every state-dict entry the hook changes and nothing else."""
+    model = _model()
+    state = model.stateful_tensors()
+    assert {k.split(".")[0] for k in state} == {"teacher", "prototypes", "dino"}
+    everything = model.state_dict(keep_vars=True)
+    assert all(everything[k] is v for k, v in state.items())
+    optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
+    loss_at(model, batch)["loss"].backward()
+    optimiser.step()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    held = model.held_bytes()
+    model.on_step_end(1)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed <= set(state) and "prototypes.prototypes" in changed
+    assert any(k.startswith("teacher.") for k in changed) and any(k.endswith(".center") for k in changed)
+    assert model.held_bytes() < held  # the queued prototype updates are spent
+
+
+def test_prototype_queue_holds_one_sum_per_region_however_many_micro_batches(batch):
+    """Gradient accumulation collects many times before one step: the queue must not grow with it."""
+    model = _model().train()
+    queue = model.prototypes
+    per_region = queue.prototypes[0].numel() * 4 + 8 + 4  # a float32 sum, an int64 region id, a float32 count
+    regions = queue.regions(batch["lonlat"]).unique().numel()
+    for i in range(1, 6):
+        loss_at(model, batch, seed=i)
+        assert queue.held_bytes() == regions * per_region, i
+    single = _model().train()
+    loss_at(single, batch, seed=1)
+    initial = single.prototypes.prototypes.clone()
+    single.prototypes.step()
+    # five identical collections move the prototypes exactly as one does (a mean, not a sum)
+    repeated = _model().train()
+    for _ in range(5):
+        loss_at(repeated, batch, seed=1)
+    repeated.prototypes.step()
+    torch.testing.assert_close(repeated.prototypes.prototypes, single.prototypes.prototypes)
+    assert not torch.equal(initial, single.prototypes.prototypes)
+    assert repeated.prototypes.held_bytes() == 0
 
 
 def test_padded_dates_change_nothing(batch):
@@ -196,15 +262,19 @@ def test_encode_works_with_one_modality_and_no_location(batch):
     assert torch.isfinite(feats["fusion"][0]).all()
 
 
-def test_adopt_teacher_copies_the_ema_weights_into_the_student(batch):
+def test_downstream_weights_are_the_ema_teacher(batch):
     model = _model()
     optimiser = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
     loss_at(model, batch)["loss"].backward()
     optimiser.step()
-    model.on_step_end(0)
-    model.adopt_teacher()
+    model.on_step_end(1)
+    student = {n: p.detach().clone() for n, p in model.student.named_parameters()}
+    assert model.prepare_downstream() == "ema_teacher"
+    differs = 0
     for name, p in model.student.named_parameters():
         assert torch.equal(p, model.teacher.get_buffer(name)), name
+        differs += not torch.equal(p, student[name])
+    assert differs > 0
 
 
 def test_huge_preset_is_the_papers_2_06_billion_parameters():
@@ -212,8 +282,10 @@ def test_huge_preset_is_the_papers_2_06_billion_parameters():
     swin_h, vit_l = (352, (2, 2, 18, 2)), (1024, 24)
     assert (config.hr_embed_dim, config.hr_depths) == swin_h and (config.ts_embed_dim, config.ts_depth) == vit_l
     assert config.region_grid[0] * config.region_grid[1] == 4096 and config.num_prototypes == 100
-    n = count_parameters("skysense", _sensors(), "huge")
+    n = count_parameters("skysense", _sensors(), "huge", comparable=True)
     assert abs(n - 2.06e9) / 2.06e9 < 0.10, n
+    protos = 4096 * 100 * config.dim
+    assert n == count_parameters("skysense", _sensors(), "huge") + protos  # the prototypes are a buffer
 
 
 def test_tiny_preset_lowers_the_loss_on_a_fixed_batch_of_real_chips(batch):

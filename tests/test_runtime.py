@@ -1,4 +1,5 @@
-"""Which Ray earthray joins: a dead cluster record must not hang the embedded default."""
+"""Which Ray earthray joins: a dead cluster record must not hang the embedded default, an address that does
+not answer is one line at once, and a local Ray listens on loopback only."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -66,15 +68,65 @@ def test_unreachable_explicit_addresses_are_config_errors(ray_tmp, monkeypatch):
     with pytest.raises(ConfigError, match=f"RAY_ADDRESS: no Ray cluster answers at {dead}"):
         resolve_address(None)
     assert resolve_address("local") == "local"  # an explicit "local" overrides RAY_ADDRESS, as in Ray
-    assert resolve_address("ray://head:10001") == "ray://head:10001"  # Ray Client: Ray checks it
 
 
-def test_a_process_with_a_stale_record_starts_its_own_ray(ray_tmp):
-    """The CI failure this guards: a killed test cluster's record made every bare ray.init() try to join it."""
+def test_a_dead_ray_client_address_is_one_line_at_once(ray_tmp):
+    dead = f"ray://{_dead_address()}"
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as refused:
+        resolve_address(dead)
+    assert time.monotonic() - started < 10  # not Ray Client's 30+ s of retries
+    message = str(refused.value)
+    assert "\n" not in message and f"no Ray cluster answers at {dead}" in message and "--address local" in message
+    with socket.socket() as server:  # a live one is passed on to Ray
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        live = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        assert resolve_address(live) == live
+
+
+def test_auto_means_the_recorded_cluster_and_fails_at_once_without_one(ray_tmp):
+    """``auto`` joins the cluster ``ray start`` recorded; with none, or a dead one, it is one line at once
+    (Ray's own ``auto`` would also try any GCS process it finds: another user's, or one shutting down)."""
+    with pytest.raises(ConfigError, match="auto: no `ray start` cluster is recorded on this machine.*--address local"):
+        resolve_address("auto")
+    dead = _dead_address()
+    record(ray_tmp, dead)
+    with pytest.raises(ConfigError, match=f"auto: the cluster recorded at {dead} does not answer"):
+        resolve_address("auto")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        live = f"127.0.0.1:{server.getsockname()[1]}"
+        record(ray_tmp, live)
+        assert resolve_address("auto") == live
+
+
+LISTENERS = """
+import psutil, ray
+from earthray.runtime import ensure_ray
+ensure_ray()
+print('cpus', ray.cluster_resources()['CPU'])
+ray.get(ray.remote(lambda: 1).remote())  # a worker too
+me = psutil.Process()
+for proc in [me, *me.children(recursive=True)]:
+    for c in proc.net_connections(kind='inet'):
+        if c.status == psutil.CONN_LISTEN:
+            print('listen', c.laddr.ip, c.laddr.port, proc.name())
+ray.shutdown()
+"""
+
+
+def test_a_process_with_a_stale_record_starts_its_own_ray_on_loopback(ray_tmp):
+    """The CI failure this guards: a killed test cluster's record made every bare ray.init() try to join it.
+    The local Ray started instead listens on 127.0.0.1 only: GCS, raylet, workers, dashboard, metrics."""
     record(ray_tmp, _dead_address())
-    code = ("import ray; from earthray.runtime import ensure_ray; ensure_ray(); "
-            "print('cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cpus" in out.stdout and "nothing answers there; starting a local Ray" in out.stderr
+    sockets = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("listen ")]
+    names = {name for _, _, name in sockets}
+    assert len(sockets) >= 5 and {"gcs_server", "raylet"} <= names, sockets
+    exposed = [s for s in sockets if s[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"a local Ray listens beyond loopback: {exposed}"

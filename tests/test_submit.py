@@ -260,3 +260,16 @@ def test_unknown_jobs_bad_tokens_and_unreachable_clusters_are_clear_errors(clust
     result = runner.invoke(app, ["status", "raysubmit_nope", "--address", nowhere])
     assert result.exit_code == 2 and f"cannot reach the Ray job server at {nowhere}" in flat(result.stderr)
     assert "Traceback" not in result.output
+
+
+def test_a_dead_job_server_is_one_line_at_once():
+    """No cluster needed: an address nothing answers at (a URL, or a bare host:port as RAY_ADDRESS holds)
+    is refused before Ray's client spends its retries, naming the address, not a missing token."""
+    port = _free_ports(1)[0]
+    for address in (f"http://127.0.0.1:{port}", f"127.0.0.1:{port}"):
+        started = time.monotonic()
+        result = runner.invoke(app, ["status", "raysubmit_nope", "--address", address])
+        assert time.monotonic() - started < 20, address
+        message = flat(result.stderr)
+        assert result.exit_code == 2 and f"cannot reach the Ray job server at {address}: nothing answers" in message
+        assert "token" not in message.lower() and "Traceback" not in result.output

@@ -1,4 +1,4 @@
-"""Distributed pretraining on a real local Ray: DDP, DeepSpeed ZeRO-2/3, resume, MLflow, bundles."""
+"""Distributed pretraining on a real local Ray: DDP, DeepSpeed ZeRO-1/2/3, the step-end hook, resume, MLflow, bundles."""
 
 from __future__ import annotations
 
@@ -18,9 +18,19 @@ from safetensors.torch import load_file
 
 from earthray.bundle import load_bundle
 from earthray.config import ConfigError
+from earthray.data.manifest import load_manifest
+from earthray.recipes import create_recipe
 from earthray.train.loop import WEIGHTS
-from earthray.train.run import pretrain
-from train_helpers import check_resumed_once, metric_steps, ray_worker_pids, registered_checkpoint_steps, tiny_spec
+from earthray.train.run import pretrain, sensors_of
+from train_helpers import (
+    check_resumed_once,
+    checkpoints_by_step,
+    metric_steps,
+    ray_worker_pids,
+    registered_checkpoint_steps,
+    tiny_job_spec,
+    tiny_spec,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +75,41 @@ def test_deepspeed_zero_trains_and_exports(root, tmp_path, stage):
     check_run(result, 6)
     shards = list((result.checkpoint / "state").glob("*optim_states.pt"))
     assert len(shards) == 2  # each rank saved its own partition
+
+
+ZERO3_PERSISTENCE = 100_000
+"""DeepSpeed's default ``stage3_param_persistence_threshold``: smaller parameters are not partitioned."""
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_step_end_hook_runs_once_per_optimiser_step_on_whole_weights(root, tmp_path, stage):
+    """SkySense's EMA teacher, checkpointed after every step, is exactly ``m t + (1 - m) s`` of the
+    student of that step: the loop ran the hook once per optimiser step (two micro-batches each),
+    after the step, on every rank. The DINO heads are widened past the persistence threshold, so
+    under ZeRO-3 DeepSpeed really partitions them and the hook sees them only through the gather;
+    bf16 parameters feed a float32 teacher."""
+    m, steps = 0.5, 3
+    spec = tiny_job_spec("skysense", root, tmp_path, f"step-end-zero{stage}", max_steps=steps, checkpoint_every=1,
+                         keep_checkpoints=steps, model={"teacher_momentum": m, "head_out_dim": 8192},
+                         optim={"grad_accum": 2},
+                         strategy={"name": "deepspeed", "zero_stage": stage, "precision": "bf16"})
+    torch.manual_seed(spec.seed)
+    model = create_recipe("skysense", sensors_of(load_manifest(root), list(spec.data.groups)), "tiny", **spec.model)
+    student = [n for n, _ in model.student.named_parameters()]
+    assert max(model.get_parameter(f"student.{n}").numel() for n in student) > ZERO3_PERSISTENCE
+    teacher = {n: model.teacher.get_buffer(n).clone() for n in student}
+
+    pretrain(spec)
+    checkpoints = checkpoints_by_step(spec)
+    assert sorted(checkpoints) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        weights = load_file(str(checkpoints[step] / WEIGHTS))
+        for n in student:
+            s = weights[f"student.{n}"]
+            assert torch.equal(s, s.bfloat16().float()), n  # the student trained in bf16
+            teacher[n] = teacher[n].mul(m).add(s, alpha=1 - m)
+            torch.testing.assert_close(weights[f"teacher.{n}"], teacher[n], rtol=1e-6, atol=1e-7,
+                                       msg=lambda e, n=n, step=step: f"step {step}, teacher.{n}: {e}")
 
 
 def test_same_name_resumes_and_extends(root, tmp_path):

@@ -1,4 +1,5 @@
-"""Building blocks for the training tests: a tiny spec on the sample shards, MLflow look-ups."""
+"""Building blocks for the training tests: tiny specs and recipes' tiny jobs on the sample shards, checkpoints,
+MLflow look-ups."""
 
 from __future__ import annotations
 
@@ -6,7 +7,46 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from earthray.config import read_yaml
 from earthray.train.spec import PretrainSpec
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def tiny_job(recipe: str) -> dict:
+    """The recipe's tiny job (``jobs/pretrain-<recipe>-tiny.yaml``) as plain data; a test failure if there is none."""
+    path = JOBS / f"pretrain-{recipe}-tiny.yaml"
+    if not path.is_file():
+        pytest.fail(f"recipe {recipe!r} is registered but has no tiny job {path.relative_to(JOBS.parent)}: every "
+                    "recipe needs one (the recipe contract test runs it through the real loop); add it")
+    job = read_yaml(path)
+    assert job.get("recipe") == recipe and job.get("preset", "tiny") == "tiny", f"{path}: not {recipe}'s tiny job"
+    return job
+
+
+def tiny_job_spec(recipe: str, root: str, workdir: Path, name: str, max_batch: int = 4, model: dict | None = None,
+                  optim: dict | None = None, **overrides) -> PretrainSpec:
+    """The tiny job's data (groups, batch sizes capped at ``max_batch``, dates) and model overrides
+    (updated by ``model``) on the shards at ``root``, with its optimiser settings (updated by
+    ``optim``) and no warm-up; ``overrides`` replace any other field (steps, strategy, ...)."""
+    job = tiny_job(recipe)
+    data = {**job["data"], "root": root,
+            "groups": {g: min(b, max_batch) for g, b in job["data"]["groups"].items()}}
+    return PretrainSpec.model_validate({
+        "name": name, "workdir": str(workdir), "recipe": recipe, "preset": "tiny",
+        "model": {**job.get("model", {}), **(model or {})}, "data": data,
+        "optim": {**job.get("optim", {}), "warmup_steps": 0, **(optim or {})},
+        "tracking": {"log_every": 1}, **overrides,
+    })
+
+
+def checkpoints_by_step(spec: PretrainSpec) -> dict[int, Path]:
+    """The run's checkpoint folders still on disk, by the step they were taken at."""
+    run = Path(spec.storage_path) / spec.name
+    states = run.glob("checkpoint_*/trainer_state.json")
+    return {json.loads(state.read_text())["step"]: state.parent for state in states}
 
 
 def tiny_spec(root: str, workdir: Path, name: str, **overrides) -> PretrainSpec:

@@ -401,10 +401,12 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", tracking_u
             raise BundleError(f"{path}: normalisation for {s.name!r} must give mean and std for its "
                               f"{len(s.bands)} bands")
 
-    # Every weight comes from the bundle: never fetch pretrained weights while rebuilding.
+    # Every weight comes from the bundle: never fetch pretrained weights or read initial-weight files
+    # (which need not exist where the bundle is loaded) while rebuilding.
     config = {k: (False if "pretrained" in k and v is True else v) for k, v in meta["config"].items()}
     try:
-        model = create_recipe(meta["recipe"], sensors, meta["preset"], device=device, **config)
+        model = create_recipe(meta["recipe"], sensors, meta["preset"], device=device, initial_weights=False,
+                              **config)
     except (KeyError, ValidationError, TypeError) as e:
         raise BundleError(f"{path}: cannot rebuild recipe {meta['recipe']!r} ({meta['preset']}): {e}") from None
 

@@ -244,7 +244,7 @@ def models() -> None:
             if paper:
                 comparable = count_parameters(name, preset=preset, comparable=True)
                 if comparable != total:
-                    shown += f" ({comparable / 1e6:,.1f} M per token)"
+                    shown += f" ({comparable / 1e6:,.1f} M as the paper counts)"
                 vs = f"{(comparable - paper) / paper:+.1%}"
             table.add_row(name, preset, shown, f"{paper / 1e6:,.0f} M" if paper else "", vs,
                           ", ".join(cls.paper_sensors))
@@ -331,12 +331,14 @@ def stop(job_id: str, address: str | None = AddressOpt, token: str | None = Toke
 @app.command()
 def serve(
     config: Path = typer.Argument(..., help="Ray Serve config file (serve/*.yaml), as `serve deploy` takes it"),
-    port: int | None = typer.Option(None, help="HTTP port (default: the config's http_options.port, else 8000)"),
+    port: int | None = typer.Option(None, min=1, max=65535,
+                                    help="HTTP port (default: the config's http_options.port, else 8000)"),
     host: str | None = typer.Option(None, help="HTTP host (default: the config's, else 127.0.0.1)"),
     address: str | None = typer.Option(None, help="Ray address ('local' starts a fresh local Ray; default: Ray's)"),
 ) -> None:
-    """Run a Serve config file's applications until Ctrl-C (local Ray by default)."""
-    from earthray.serve.app import run_config
+    """Run a Serve config file's applications until Ctrl-C (local Ray by default); the config, every bundle
+    and the port are checked before anything starts."""
+    from earthray.serve.run import run_config
 
     try:
         run_config(config, port=port, host=host, address=address,

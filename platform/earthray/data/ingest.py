@@ -19,7 +19,16 @@ from earthray.config import ConfigError
 from earthray.data import schema
 from earthray.data.chipper import ChipResult, ChipTask, SourceTask, run_chip_task
 from earthray.data.manifest import build_manifest, write_json_atomic
-from earthray.data.spec import IngestSpec, expand
+from earthray.data.spec import (
+    IngestSpec,
+    InputSpec,
+    SplitSpec,
+    expand,
+    fill_placeholders,
+    match_placeholders,
+    placeholders,
+)
+from earthray.io.cube import is_cube
 from earthray.runtime import ensure_ray
 from earthray.sensors import Catalogue, default_catalogue, load_catalogue
 
@@ -37,31 +46,69 @@ def plan(spec: IngestSpec, catalogue: Catalogue) -> list[ChipTask]:
                 raise ConfigError(f"{where}.sensors: unknown sensor {name!r}; known: "
                                   f"{', '.join(s.name for s in catalogue)}")
             try:
-                sensors[name] = catalogue[name].select(src.bands)
+                sensors[name] = catalogue[name].select(src.band_list)
             except ValueError as e:
                 raise ConfigError(f"{where}.sensors.{name}.bands: {e}") from None
-        scenes: list[dict[str, str | list[str]]] = []
-        if len(inp.sensors) == 1:
-            (name, src), = inp.sensors.items()
-            if src.path:
-                scenes = [{name: p} for p in expand(src.path, f"{where}.sensors.{name}.path")]
-            else:
-                scenes = [{name: [p for s in src.stack for p in expand(s, f"{where}.sensors.{name}.stack")]}]
-        else:
-            scenes = [{n: s.path or [p for x in s.stack for p in expand(x, where)] for n, s in inp.sensors.items()}]
+            if isinstance(src.bands, dict) and not any(is_cube(p) for p in src.stack or [src.path]):
+                raise ConfigError(f"{where}.sensors.{name}.bands: a mapping names a datacube's variables; "
+                                  f"{src.path or src.stack[0]} is not a netCDF/Zarr cube (give a list of bands)")
         size, stride = spec.chip(inp)
-        for scene in scenes:
-            sources = {n: SourceTask(sensors[n].model_dump(), scene[n], inp.sensors[n].time_series)
-                       for n in inp.sensors}
-            label = inp.label.model_dump() if inp.label else None
-            identity = json.dumps([schema.SCHEMA_VERSION, inp.name, {n: asdict(s) for n, s in sources.items()}, label, size, stride,
-                                   spec.min_valid_fraction, spec.split.model_dump()], sort_keys=True, default=str)
+        for scene, files in _scenes(inp, where):
+            sources = {n: SourceTask(sensors[n].model_dump(), scene[n], src.time_series,
+                                     _variables(src, sensors[n], scene[n]), src.date,
+                                     src.mask.model_dump() if src.mask else None, src.nodata,
+                                     src.transform.model_dump() if src.transform else None)
+                       for n, src in inp.sensors.items()}
+            labels = [layer.model_dump() | found for layer, found in zip(inp.labels, files)]
+            split = inp.split if isinstance(inp.split, SplitSpec) else spec.split
+            fixed = inp.split if isinstance(inp.split, str) else None
+            identity = json.dumps([schema.SCHEMA_VERSION, inp.name, {n: asdict(s) for n, s in sources.items()},
+                                   labels, size, stride, spec.min_valid_fraction, split.model_dump(),
+                                   inp.pair_within_days, fixed], sort_keys=True, default=str)
             key = hashlib.sha1(identity.encode()).hexdigest()
             out = Path(spec.output) / inp.group / f"{inp.name}-{key[:16]}.parquet"
             tasks.append(ChipTask(key, inp.name, inp.group, sources, str(out), size, stride,
-                                  spec.min_valid_fraction, spec.split.model_dump(), spec.rows_per_group,
-                                  spec.compression, label))
+                                  spec.min_valid_fraction, split.model_dump(), spec.rows_per_group,
+                                  spec.compression, labels, inp.pair_within_days, fixed))
     return tasks
+
+
+def _scenes(inp: InputSpec, where: str) -> list[tuple[dict, list[dict]]]:
+    """The input's scenes: per sensor its file (or stack), and per label layer its ``path``/``scene`` file.
+
+    A single-sensor glob makes one scene per match. In a co-located group, named placeholders in the
+    first sensor's path define the scenes and are filled in every other path.
+    """
+    first_name, first = next(iter(inp.sensors.items()))
+    pattern = first.path or first.stack[0]
+    if placeholders(pattern):
+        return [_filled(inp, values) for values in match_placeholders(pattern, f"{where}.sensors.{first_name}")]
+    layers = [{"path": layer.path, "scene": layer.scene} for layer in inp.labels]
+    if len(inp.sensors) == 1 and first.path:
+        return [({first_name: p}, layers) for p in expand(first.path, f"{where}.sensors.{first_name}.path")]
+    one = len(inp.sensors) > 1
+    sources = {n: expand(src.path, f"{where}.sensors.{n}.path", one)[0] if src.path else
+               [p for s in src.stack for p in expand(s, f"{where}.sensors.{n}.stack", one)]
+               for n, src in inp.sensors.items()}
+    layers = [{k: expand(v, f"{where}.label.{k}", True)[0] if v else None for k, v in layer.items()} for layer in layers]
+    return [(sources, layers)]
+
+
+def _filled(inp: InputSpec, values: dict[str, str]) -> tuple[dict, list[dict]]:
+    def fill(pattern: str | None) -> str | None:
+        return fill_placeholders(pattern, values) if pattern else None
+
+    sources = {n: fill(src.path) if src.path else [fill(p) for p in src.stack] for n, src in inp.sensors.items()}
+    return sources, [{"path": fill(layer.path), "scene": fill(layer.scene)} for layer in inp.labels]
+
+
+def _variables(src, sensor, source: str | list[str]) -> list[str] | None:
+    """A cube source's variable per sensor band (by the spec's mapping, else named like the band); None for rasters."""
+    if not any(is_cube(p) for p in ([source] if isinstance(source, str) else source)):
+        return None
+    if isinstance(src.bands, dict):
+        return [src.bands[b] for b in sensor.band_names]
+    return sensor.band_names
 
 
 def _state_path(spec: IngestSpec, key: str) -> Path:

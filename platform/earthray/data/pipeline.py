@@ -9,6 +9,7 @@ training step is known, so it is reproducible and differs from epoch to epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from earthray.data.manifest import load_manifest
+from earthray.data.manifest import label_layer, load_manifest
 from earthray.sensors import ValueTransform
 
 
@@ -36,16 +37,18 @@ class GroupReader:
     tensors: dict[str, dict]
     sensors: dict[str, SensorNorm]
     series: dict[str, bool]
-    label: bool
+    label: str | None
+    """The shard column that becomes ``batch["label"]`` (a label layer's), or None."""
     max_dates: int = 16
     seed: int = 0
     columns: list[str] = field(default_factory=list)
 
     @classmethod
     def from_manifest(cls, manifest: dict, group: str, max_dates: int = 16, seed: int = 0,
-                      normalisation: dict[str, dict] | None = None) -> GroupReader:
+                      normalisation: dict[str, dict] | None = None, label: str | None = None) -> GroupReader:
         """``normalisation`` (sensor -> ``bands``, ``mean``, ``std``) replaces the manifest's statistics:
-        a model must be fed the statistics it was trained with, not those of the data at hand."""
+        a model must be fed the statistics it was trained with, not those of the data at hand.
+        ``label`` names the label layer delivered as ``batch["label"]`` (default: the group's first)."""
         try:
             g = manifest["groups"][group]
         except KeyError:
@@ -69,9 +72,21 @@ class GroupReader:
         columns = ["sample_id", "lon", "lat", "split"]
         for name in g["sensors"]:
             columns += [name, f"{name}.valid", f"{name}.present"] + ([f"{name}.dates"] if series[name] else [])
-        if g["label"]:
-            columns.append("label")
-        return cls(group, g["tensors"], sensors, series, bool(g["label"]), max_dates, seed, columns)
+        layer = label_layer(g, label, f"group {group!r}")
+        if layer:
+            columns.append(layer["column"])
+        return cls(group, g["tensors"], sensors, series, layer["column"] if layer else None, max_dates, seed, columns)
+
+
+    def only(self, sensors: list[str]) -> GroupReader:
+        """This reader restricted to ``sensors`` (those the group holds): the others are not read."""
+        keep = [s for s in self.sensors if s in sensors]
+        if not keep:
+            raise ValueError(f"group {self.group!r} holds none of the sensors {sensors} (it holds {list(self.sensors)})")
+        drop = [s for s in self.sensors if s not in keep]
+        columns = [c for c in self.columns if c.split(".")[0] not in drop]
+        return dataclasses.replace(self, sensors={s: self.sensors[s] for s in keep},
+                                   series={s: self.series[s] for s in keep}, columns=columns)
 
 
 def _fixed(column: pa.ChunkedArray | pa.Array, spec: dict) -> np.ndarray:
@@ -106,7 +121,7 @@ def decode(table: pa.Table, reader: GroupReader) -> dict[str, np.ndarray]:
             x = _normalise(raw, norm, valid, axis=1)
         out[name], out[f"{name}.valid"], out[f"{name}.present"] = x, valid, present
     if reader.label:
-        out["label"] = _fixed(table["label"], reader.tensors["label"]).astype(np.int64)
+        out["label"] = _fixed(table[reader.label], reader.tensors[reader.label]).astype(np.int64)
     assert all(len(v) == n for v in out.values())
     return out
 
@@ -152,17 +167,21 @@ def _decode_series(table, name, reader, norm, ids):
 
 def read_group(root: str | Path, group: str, split: str | None = None, *, max_dates: int = 16, seed: int = 0,
                num_cpus: float = 0.5, manifest: dict | None = None, normalisation: dict[str, dict] | None = None,
-               labels: bool = True):
-    """A streaming Ray Dataset of one group's decoded rows (optionally one split); ``normalisation``
-    as in ``GroupReader.from_manifest``; ``labels=False`` leaves labels out (self-supervised pretraining)."""
+               labels: bool = True, label: str | None = None, sensors: list[str] | None = None):
+    """A streaming Ray Dataset of one group's decoded rows (optionally one split); ``normalisation`` and
+    ``label`` (the layer delivered as ``batch["label"]``) as in ``GroupReader.from_manifest``;
+    ``labels=False`` leaves labels out (self-supervised pretraining); ``sensors`` keeps only those of
+    the group's sensors (None: all)."""
     import ray.data
     from ray.data.expressions import col
 
     manifest = manifest or load_manifest(root)
-    reader = GroupReader.from_manifest(manifest, group, max_dates, seed, normalisation)
+    reader = GroupReader.from_manifest(manifest, group, max_dates, seed, normalisation, label)
+    if sensors is not None:
+        reader = reader.only(sensors)
     if not labels and reader.label:
-        reader.label = False
-        reader.columns.remove("label")
+        reader.columns.remove(reader.label)
+        reader.label = None
     files = [str(Path(root) / f) for f in manifest["groups"][group]["files"]]
     if not files:
         raise ValueError(f"{root}: group {group!r} has no shards (every scene quarantined?)")

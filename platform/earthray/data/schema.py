@@ -20,7 +20,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 BASE_FIELDS = [
     pa.field("sample_id", pa.string()),

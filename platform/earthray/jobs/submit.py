@@ -22,6 +22,7 @@ from typing import TextIO
 
 from earthray.config import ConfigError
 from earthray.jobs.kinds import EXCLUDES, KINDS, check_spec, excluded
+from earthray.runtime import answers
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -62,6 +63,9 @@ def client(address: str | None = None, token: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     address = address or default_address()
+    if address != "auto" and not answers(address):
+        raise JobError(f"cannot reach the Ray job server at {address}: nothing answers there (Jobs need the "
+                       "cluster's dashboard, http://<head>:8265 by default; `ray start --head` starts one here)")
     secret = auth_token(token)
     headers = {"Authorization": f"Bearer {secret}"} if secret else None
     try:

@@ -121,6 +121,10 @@ class DINOLoss(nn.Module):
                 self._pending[-1] += weight.sum()
         return (per_row * weight).sum() / weight.sum().clamp_min(1e-6)
 
+    def held_bytes(self) -> int:
+        """Bytes of the running sum of teacher outputs kept between steps (fixed: ``out_dim + 1`` floats)."""
+        return self._pending.numel() * self._pending.element_size()
+
     @torch.no_grad()
     def update_center(self) -> None:
         if dist.is_available() and dist.is_initialized():

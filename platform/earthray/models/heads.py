@@ -11,11 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+FUSED = ("fusion", "fusion_geo")
+"""Keys of a recipe's own fused multi-modal feature (SkySense's temporal fusion), beside the per-sensor maps."""
+
 
 def fuse_sensors(features: dict[str, list[torch.Tensor]], present: dict[str, torch.Tensor] | None = None
                  ) -> list[torch.Tensor]:
-    """Per level, the mean over the sensors present in each sample (all sensors share level shapes)."""
-    names = [n for n in features if n not in ("fusion", "fusion_geo")] or list(features)
+    """Per level, the mean over the sensors present in each sample.
+
+    When the per-sensor maps cannot be averaged (time series, or sensors on different grids) and the
+    recipe fuses its inputs itself (``"fusion"``: SkySense's spatio-temporal feature), that fused
+    feature is the representation."""
+    names = [n for n in features if n not in FUSED] or list(features)
+    shapes = {tuple(tuple(f.shape) for f in features[n]) for n in names}
+    if "fusion" in features and (len(shapes) > 1 or any(f.dim() != 4 for n in names for f in features[n])):
+        return features["fusion"]
     levels = len(features[names[0]])
     fused = []
     for i in range(levels):

@@ -72,12 +72,14 @@ class MoEFFN(nn.Module):
 
         out = torch.zeros_like(x)
         counts = []
+        # Every expert runs, on no tokens if none were routed to it, so that every data-parallel rank
+        # computes gradients for the same parameters in the same order: DeepSpeed reduces them across
+        # ranks in the order they arrive.
         for j, expert in enumerate(self.experts):
             tok, rank = ((idx == j) & routed).nonzero(as_tuple=True)
             counts.append(tok.numel())
-            if tok.numel():
-                y = expert(x[tok]) * gate[tok, rank].unsqueeze(-1).to(x.dtype)
-                out.index_add_(0, tok, y)
+            y = expert(x[tok]) * gate[tok, rank].unsqueeze(-1).to(x.dtype)
+            out.index_add_(0, tok, y)
         self.tokens_per_expert = torch.tensor(counts)
         return out.reshape(shape)
 

@@ -5,6 +5,12 @@ A recipe is an ``nn.Module`` built from a config and the sensors it will see. It
 backpropagate), so the training loop, tracking and sweeps never need to know
 which paper a model came from.
 
+The rest of the contract, each with a default for recipes that need none: state that
+changes outside the optimiser is declared (``stateful_tensors``) and updated in
+``on_step_end``, which the loop runs after every optimiser step; memory kept between
+steps is reported (``held_bytes``); ``prepare_downstream`` picks the weights exported
+bundles hand to downstream tasks; ``load_initial_weights`` reads local pretrained files.
+
 Batch layout (what the data pipeline delivers; a flat dict, as Ray Data batches are):
 
 - ``batch[sensor]``: float32, normalised; ``(B, C, H, W)`` for single-date sensors,
@@ -67,7 +73,45 @@ class Recipe(nn.Module):
         return {}
 
     def on_step_end(self, step: int) -> None:
-        """Hook after each optimiser step (EMA teachers, prototype updates)."""
+        """Update the state that changes outside the optimiser (EMA teachers, prototypes, centres).
+
+        The training loop calls it once per optimiser step, after the step (with gradient
+        accumulation: once per accumulated step), on the unwrapped recipe, on every rank:
+        updates that gather across ranks may use collectives. ``step`` counts the optimiser
+        steps done, this one included (1 after the first). Under ZeRO-3 every parameter is
+        gathered around the call when the recipe declares state (``stateful_tensors``), so
+        the hook reads whole weights. Default: nothing to update.
+        """
+
+    def stateful_tensors(self) -> dict[str, torch.Tensor]:
+        """The state-dict entries ``on_step_end`` changes, by state-dict key; ``{}`` if none.
+
+        What the recipe contract test checks moves in a real run; every other entry that
+        is not a trained parameter must stay as built.
+        """
+        return {}
+
+    def held_bytes(self) -> int:
+        """Bytes the recipe keeps outside its state dict from one step to the next (queued
+        updates, running sums); 0 if none. The loop logs it after each ``on_step_end``; it
+        must not grow with the number of steps or micro-batches."""
+        return 0
+
+    def prepare_downstream(self) -> str:
+        """Make the weights ``encode`` runs the ones downstream tasks should start from.
+
+        Called once on a rebuilt recipe before a pretraining bundle is saved (never on a
+        bundle with a fine-tuned head), so fine-tuning, frozen-feature evaluation, sweep
+        probes and serving all start from them without knowing the recipe. Returns what
+        the encoder now holds, recorded in the bundle's provenance as ``encoder_weights``.
+        Default: the trained weights as they are (``"trained"``).
+        """
+        return "trained"
+
+    def load_initial_weights(self) -> None:
+        """Read the local pretrained weights the config names (``create_recipe`` calls it
+        after building); default: none. Rebuilding a saved model skips it, since the saved
+        weights replace everything anyway."""
 
     def comparable_parameters(self) -> int:
         """The count a paper's stated size refers to; the stored total unless a recipe says otherwise."""
@@ -108,14 +152,21 @@ def create_recipe(
     sensors: Sequence[str | Sensor],
     preset: str = "tiny",
     device: str | torch.device | None = None,
+    initial_weights: bool = True,
     **overrides: Any,
 ) -> Recipe:
-    """Build a recipe's model, timm-style: ``create_recipe("msgfm", ["s2_l1c", "s1_grd"], "base")``."""
+    """Build a recipe's model, timm-style: ``create_recipe("msgfm", ["s2_l1c", "s1_grd"], "base")``.
+
+    ``initial_weights=False`` skips the local pretrained files the config names (for a model
+    whose weights are about to be replaced: a bundle, a checkpoint, a size count)."""
     cls = get_recipe_class(name)
     config = resolve_config(name, preset, **overrides)
     resolved = [s if isinstance(s, Sensor) else get_sensor(s) for s in sensors]
     with torch.device(device) if device is not None else _nullcontext():
-        return cls(config, resolved)
+        model = cls(config, resolved)
+    if initial_weights:
+        model.load_initial_weights()
+    return model
 
 
 def paper_inputs(name: str) -> list[Sensor]:
@@ -130,5 +181,5 @@ def count_parameters(name: str, sensors: Sequence[str | Sensor] | None = None, p
     ``sensors`` defaults to the paper's inputs; ``comparable`` counts what the paper's figure counts.
     """
     model = create_recipe(name, paper_inputs(name) if sensors is None else sensors, preset, device="meta",
-                          **overrides)
+                          initial_weights=False, **overrides)
     return model.comparable_parameters() if comparable else sum(p.numel() for p in model.parameters())

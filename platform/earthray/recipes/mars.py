@@ -8,17 +8,23 @@ modality, scored by L1 on the masked pixels. Cross-granularity contrastive learn
 level, so SAR's local distortions are tied to stable scene semantics; it reads the
 masked encoders' tokens (each modality masked independently). An optional frozen
 teacher (the paper's continual-pretraining guidance, GFM-style) sees the unmasked optical
-image and the optical student matches its last-stage tokens by cosine.
+image and the optical student, through a linear projector, matches its last-stage tokens
+by cosine.
 
 The optical sensor is the one of kind "optical" (e.g. ``vhr_rgb``), SAR the one of kind
 "sar" (e.g. ``vhr_sar_x``, or ``s1_grd_db`` restricted to one band). Samples lacking
 one of them (``"{sensor}.present"`` False) still train the other's reconstruction; the
 joint attention and CGCL use only complete pairs.
 
-The teacher starts as a frozen copy of the optical branch's initial weights; load
-pretrained SwinV2 weights into ``recipe.teacher`` (a state dict of that branch) before
-training to get the paper's setting. The paper gives no parameter count for MaRS (its
-backbones are SwinV2-B, 88 M each), so ``paper_params`` is empty.
+Pretrained weights come from local files (no hub downloads): ``init_weights`` names a
+safetensors file holding a timm SwinV2's state dict, which initialises both encoders and
+their patch embeddings; ``teacher_weights`` names one for the teacher, which has the
+optical branch's architecture and is frozen (buffers, never updated: the recipe has no
+step-end state). What is loaded and what is not: ``earthray.models.pretrained.load_timm_swinv2``.
+Without ``teacher_weights`` no teacher is built and there is no distillation term
+(``teacher_weight`` is then unused): a frozen copy of the random initialisation would only
+pull the student toward its own random features. The paper gives no parameter count for
+MaRS (its backbones are SwinV2-B, 88 M each), so ``paper_params`` is empty.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from earthray.models.ema import frozen_copy
 from earthray.models.masking import simmim_mask
 from earthray.models.meta_attention import MetaModalityAttention
 from earthray.models.patch_embed import SensorPatchEmbed
+from earthray.models.pretrained import load_timm_swinv2
 from earthray.recipes.base import Batch, Recipe, RecipeConfig, register_recipe
 from earthray.sensors import Sensor
 
@@ -57,8 +64,14 @@ class MaRSConfig(RecipeConfig):
     cgcl_temperatures: tuple[float, float, float] = (0.1, 0.05, 0.07)
     cgcl_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
     cgcl_weight: float = 1.0
+    init_weights: str | None = None
+    """A local safetensors file with a timm SwinV2 state dict (``swinv2_*``) both encoders and their
+    patch embeddings start from (the kernel adapted to each sensor's bands); None: random."""
+    teacher_weights: str | None = None
+    """A local safetensors file with a timm SwinV2 state dict for the frozen teacher; None: no teacher."""
     teacher_weight: float = 1.0
-    """Weight of the frozen-teacher cosine loss; 0 builds no teacher."""
+    """Weight of the teacher's cosine loss when ``teacher_weights`` is given (0 builds no teacher);
+    unused without ``teacher_weights``."""
     optical_sensor: str | None = None
     """Which sensor is the optical branch; default: the one sensor of kind "optical"."""
     sar_sensor: str | None = None
@@ -122,11 +135,22 @@ class MaRS(Recipe):
             {m: SimMIMDecoder(dim, len(self.sensors[m].bands), stride) for m in self.modalities}
         )
         self.contrast = nn.ModuleDict({m: nn.Linear(dim, c.contrast_dim) for m in self.modalities})
-        if c.teacher_weight > 0:
-            self.teacher = frozen_copy(
-                nn.ModuleDict({"embed": self.embed[self.optical], "encoder": self.encoders[self.optical]})
-            )
+        if c.teacher_weights is not None and c.teacher_weight > 0:
+            # Built from the optical branch for its architecture; load_initial_weights fills it.
+            self.teacher = frozen_copy(self._branch(self.optical))
             self.distill = nn.Linear(dim, dim)
+
+    def _branch(self, modality: str) -> nn.ModuleDict:
+        return nn.ModuleDict({"embed": self.embed[modality], "encoder": self.encoders[modality]})
+
+    def load_initial_weights(self) -> None:
+        """``init_weights`` into both encoders and patch embeddings, ``teacher_weights`` into the teacher."""
+        c = self.config
+        if c.init_weights is not None:
+            for m in self.modalities:
+                load_timm_swinv2(c.init_weights, self._branch(m))
+        if hasattr(self, "teacher"):
+            load_timm_swinv2(c.teacher_weights, self.teacher)
 
     def train(self, mode: bool = True) -> MaRS:
         super().train(mode)

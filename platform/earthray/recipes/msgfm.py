@@ -13,13 +13,21 @@ reconstruct themselves (Eq. 2), so unpaired data trains the same model.
 Loss = mean over sensors of their recon terms + aux_weight * MoE balance loss
 (+ distill_weight * GFM distillation if ``distill``). Per-sensor batch sizes come from
 the data pipeline (sensor-homogeneous batches); the recipe takes whatever rows it gets.
+Which experts get tokens and which decoder a row reconstructs differ between
+data-parallel ranks, but DeepSpeed reduces gradients parameter by parameter in the order
+they arrive, so every expert runs (on no tokens if need be) and every candidate decoder
+runs (on one row weighted 0 if no row drew it): every rank computes the same gradients
+in the same order.
 
 Optional GFM-style distillation (off in ``base``: the paper's Table 5 finds training from
 scratch better): a frozen timm Swin (ImageNet-22k Swin-B in GFM) sees the unmasked RGB
 bands of optical sensors (z-scored by sensor statistics, close to the ImageNet scaling it
 was trained on; sensors without RGB bands are not distilled); the student's pooled
 stage-3 features of the masked image, through a linear projector, are pulled to the
-teacher's by a cosine loss.
+teacher's by a cosine loss. The teacher's weights come from a local file
+(``teacher_weights``: a safetensors file of the ``teacher_model``'s timm state dict) or a
+hub download (``teacher_pretrained``); ``distill`` with neither is an error, since a random
+teacher teaches nothing. The teacher never changes, so the recipe has no step-end state.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import Any, ClassVar
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
 from torch import nn
 
 from earthray.models.backbones import SwinEncoder
@@ -36,6 +46,7 @@ from earthray.models.decoders import SimMIMDecoder
 from earthray.models.masking import simmim_mask
 from earthray.models.moe import convert_swin_mlp_to_moe, moe_aux_loss
 from earthray.models.patch_embed import MultiSensorPatchEmbed
+from earthray.models.pretrained import HEAD_PREFIX, load_strict, read_weights
 from earthray.recipes.base import Batch, Recipe, RecipeConfig, register_recipe
 from earthray.sensors import Sensor
 
@@ -68,7 +79,10 @@ class MsGFMConfig(RecipeConfig):
     distill_stage: int = 2
     teacher_model: str = "swin_base_patch4_window7_224.ms_in22k"
     teacher_pretrained: bool = False
-    """True downloads the timm weights (GFM's ImageNet-22k teacher); False leaves it random."""
+    """True downloads the timm weights (GFM's ImageNet-22k teacher) when the model is built."""
+    teacher_weights: str | None = None
+    """A local safetensors file with the ``teacher_model``'s timm state dict (its classifier is
+    ignored; Swin position-bias tables are resized to the window as timm does)."""
     teacher_kwargs: dict[str, Any] = {}
 
 
@@ -152,6 +166,21 @@ class MsGFM(Recipe):
             self.teacher.eval()
             teacher_dim = self.teacher.feature_info[c.distill_stage]["num_chs"]
             self.projector = nn.Linear(self.encoder.out_dims[c.distill_stage], teacher_dim)
+
+    def load_initial_weights(self) -> None:
+        """The distillation teacher from ``teacher_weights``; an error if it would stay random."""
+        c = self.config
+        if self.teacher is None:
+            return
+        if c.teacher_weights is None:
+            if not c.teacher_pretrained:
+                raise ValueError("msgfm: distill needs a teacher's weights: teacher_weights (a local timm "
+                                 "safetensors file) or teacher_pretrained (a hub download)")
+            return
+        tensors = {k: v for k, v in read_weights(c.teacher_weights).items() if not k.startswith(HEAD_PREFIX)}
+        if isinstance(self.teacher, SwinTransformer):
+            tensors = swin_checkpoint_filter(tensors, self.teacher)
+        load_strict(self.teacher, tensors, c.teacher_weights)
 
     def train(self, mode: bool = True) -> MsGFM:
         super().train(mode)
@@ -243,6 +272,9 @@ class MsGFM(Recipe):
         for ti, t in [(-1, name), *enumerate(partners)]:
             sel = target == ti
             if not sel.any():
+                # Every candidate decoder runs, here on one row weighted 0, so that every data-parallel rank
+                # computes gradients for the same parameters (DeepSpeed reduces them rank by rank, in order).
+                total = total + 0.0 * self.decoders[t](latent[:1]).sum()
                 continue
             src = rows[sel]
             pred = self.decoders[t](latent[sel])

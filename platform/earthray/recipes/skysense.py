@@ -6,13 +6,19 @@ Three roles, each filled by one of the given sensors:
 - ``ms``: a multispectral time series (optical, GSD >= 10 m, e.g. Sentinel-2), ViT per date;
 - ``sar``: a SAR time series (e.g. Sentinel-1), ViT per date.
 
+``hr_sensor`` / ``ms_sensor`` / ``sar_sensor`` name a role's sensor explicitly (e.g.
+``hr_sensor: s2_l2a_10m`` lets Sentinel-2's 10 m bands stand in for the HR view where no
+finer image exists); sensors not named go by the kind/GSD rule above.
+
 Spatial features of every image are projected to one width and resized to one grid; each
 grid cell's sequence ``[HR, MS_t + DOY, SAR_t + DOY]`` goes through the temporal fusion
 transformer (padded dates and absent modalities masked out), and the fused feature is
 concatenated with attention over its region's geo-context prototypes.
 
-Pretraining is teacher-student: the teacher is an EMA of the student (updated in
-``on_step_end``) and sees a second augmentation of the same sample. Multi-granularity
+Pretraining is teacher-student: the teacher is an EMA of the student and sees a second
+augmentation of the same sample. The teacher, the geo prototypes and the DINO centres move
+in ``on_step_end``, which the training loop runs once after every optimiser step (on
+gathered weights under ZeRO-3); ``stateful_tensors`` lists them. Multi-granularity
 contrastive learning (MGCL) matches student to teacher with DINO's loss at pixel level,
 object level (cells clustered per image with Sinkhorn-Knopp) and image level, on every
 modality's features and on the fused ones; cross-modal alignment is InfoNCE between the
@@ -22,8 +28,10 @@ student's pooled features of different modalities of the same sample.
 The two views differ photometrically (band gain/offset jitter, noise) and in their
 acquisition dates (jittered day of year); they stay pixel-aligned so that pixel and object
 features have their counterparts, so the paper's multi-crop of the HR image is not used.
-After pretraining the paper fine-tunes from the teacher: ``adopt_teacher()`` copies it
-into the student, which ``encode`` runs.
+After pretraining the paper fine-tunes from the teacher: exporting a pretraining bundle
+calls ``prepare_downstream``, which copies the teacher into the student (``adopt_teacher``),
+the branch ``encode`` runs, so fine-tuning, frozen-feature evaluation, sweep probes and
+serving all start from the teacher.
 """
 
 from __future__ import annotations
@@ -85,13 +93,41 @@ class SkySenseConfig(RecipeConfig):
     """Each view shifts every acquisition date by up to this many days ("random disturbances")."""
     alpha: float = 1.0
     beta: float = 1.0
+    hr_sensor: str | None = None
+    """The sensor in the HR role (Swin); None: the optical sensor with GSD < 10 m, if any."""
+    ms_sensor: str | None = None
+    """The sensor in the multispectral time-series role; None: the optical sensor with GSD >= 10 m, if any."""
+    sar_sensor: str | None = None
+    """The sensor in the SAR time-series role; None: the sensor of kind "sar", if any."""
 
 
-def assign_roles(sensors: Sequence[Sensor]) -> dict[str, str]:
-    """Role -> sensor name; one sensor per role at most, every sensor in a role."""
+ROLES = ("hr", "ms", "sar")
+
+
+def assign_roles(sensors: Sequence[Sensor], named: dict[str, str | None] | None = None) -> dict[str, str]:
+    """Role -> sensor name, in the sensors' order; one sensor per role at most, every sensor in a role.
+
+    ``named`` (role -> sensor name or None) puts those sensors in those roles; every other
+    sensor goes by kind and GSD: SAR -> ``sar``, optical finer than 10 m -> ``hr``, other
+    optical -> ``ms``.
+    """
+    names = [s.name for s in sensors]
+    explicit: dict[str, str] = {}
+    for role, name in (named or {}).items():
+        if role not in ROLES:
+            raise ValueError(f"skysense has no role {role!r}; roles: {', '.join(ROLES)}")
+        if name is None:
+            continue
+        if name not in names:
+            raise ValueError(f"skysense: {role}_sensor {name!r} is not among the sensors {names}")
+        if name in explicit:
+            raise ValueError(f"skysense: sensor {name!r} is named for two roles, {explicit[name]} and {role}")
+        explicit[name] = role
     roles: dict[str, str] = {}
     for s in sensors:
-        if s.kind == "sar":
+        if s.name in explicit:
+            role = explicit[s.name]
+        elif s.kind == "sar":
             role = "sar"
         elif s.kind == "optical":
             role = "hr" if s.gsd < 10 else "ms"
@@ -190,7 +226,7 @@ class SkySense(Recipe):
     def __init__(self, config: SkySenseConfig, sensors: Sequence[Sensor]):
         super().__init__(config, sensors)
         c = config
-        self.roles = assign_roles(sensors)
+        self.roles = assign_roles(sensors, {"hr": c.hr_sensor, "ms": c.ms_sensor, "sar": c.sar_sensor})
         self.student = SkySenseNet(c, self.roles, {s.name: len(s.bands) for s in sensors})
         self.teacher = frozen_copy(self.student)
         self.prototypes = GeoPrototypes(c.region_grid, c.num_prototypes, c.dim, c.prototype_momentum)
@@ -344,12 +380,36 @@ class SkySense(Recipe):
             self.prototypes.collect(s_mm.flatten(1, 2), region, fused_weight)
         return losses
 
+    def comparable_parameters(self) -> int:
+        """The student and the heads plus the geo prototypes (a buffer here, counted in the paper's 2.06 B)."""
+        return super().comparable_parameters() + self.prototypes.prototypes.numel()
+
+    def _dino_losses(self) -> list[DINOLoss]:
+        return [loss for per_source in self.dino.values() for loss in per_source.values()]
+
     def on_step_end(self, step: int) -> None:
+        """EMA of the student into the teacher, the queued prototype updates, the DINO centres."""
         ema_update_(self.teacher, self.student, self.config.teacher_momentum)
         self.prototypes.step()
-        for per_source in self.dino.values():
-            for loss in per_source.values():
-                loss.update_center()
+        for loss in self._dino_losses():
+            loss.update_center()
+
+    def stateful_tensors(self) -> dict[str, torch.Tensor]:
+        """The EMA teacher's weights, the geo prototypes and every DINO centre."""
+        state = {f"teacher.{k}": v for k, v in self.teacher.state_dict(keep_vars=True).items()}
+        state["prototypes.prototypes"] = self.prototypes.prototypes
+        for source, per_granularity in self.dino.items():
+            state.update({f"dino.{source}.{g}.center": loss.center for g, loss in per_granularity.items()})
+        return state
+
+    def held_bytes(self) -> int:
+        """The prototypes' queued updates and the DINO losses' running sums of teacher outputs."""
+        return self.prototypes.held_bytes() + sum(loss.held_bytes() for loss in self._dino_losses())
+
+    def prepare_downstream(self) -> str:
+        """Downstream tasks start from the EMA teacher, as in the paper: it is copied into the student."""
+        self.adopt_teacher()
+        return "ema_teacher"
 
     @torch.no_grad()
     def adopt_teacher(self) -> None:
@@ -358,7 +418,8 @@ class SkySense(Recipe):
             param.copy_(self.teacher.get_buffer(name))
 
     def encode(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
-        """Features of whichever sensors the batch has, channels-first.
+        """Features of whichever sensors the batch has, channels-first, from the student (which holds
+        the EMA teacher's weights once ``prepare_downstream`` has run, as in every exported bundle).
 
         Per sensor, its encoder's feature maps: (B, D, h, w) for a single image, (B, T, D, h, w)
         for a time series (padded dates are zeros). ``"fusion"``: [(B, dim, g, g)], the fused

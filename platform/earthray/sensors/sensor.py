@@ -22,19 +22,37 @@ class Band(StrictModel):
 
 
 class ValueTransform(StrictModel):
-    """Raw stored value -> physical value: ``x * scale + offset``, then optionally linear -> dB."""
+    """Raw stored value -> physical value: ``x * scale + offset``, then optionally to decibels,
+    ``db_factor * log10(y) + db_offset`` (10 for power; 20 and an offset for amplitude DNs, such as
+    openEO's Sentinel-1 composites, dB = 20 log10(DN) - 83)."""
 
     scale: float = 1.0
     offset: float = 0.0
     to_db: bool = False
+    db_factor: float = 10.0
+    db_offset: float = 0.0
+
+    @field_validator("scale", "db_factor")
+    @classmethod
+    def _invertible(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("must not be 0 (the transform must be invertible)")
+        return v
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         y = x.astype(np.float32, copy=False)
         if self.scale != 1.0 or self.offset != 0.0:
             y = y * np.float32(self.scale) + np.float32(self.offset)
         if self.to_db:
-            y = 10.0 * np.log10(np.maximum(y, np.float32(1e-10)))
+            y = np.float32(self.db_factor) * np.log10(np.maximum(y, np.float32(1e-10))) + np.float32(self.db_offset)
         return y
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        """Physical value -> raw stored value (float64): what ingest stores for values that arrive physical."""
+        x = np.asarray(y, np.float64)
+        if self.to_db:
+            x = 10.0 ** ((x - self.db_offset) / self.db_factor)
+        return (x - self.offset) / self.scale
 
 
 class Sensor(StrictModel):

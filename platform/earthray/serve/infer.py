@@ -20,19 +20,24 @@ object store), the actors hold one batch, and the driver holds, per scene being 
 about ``input_size + stride`` rows of the scene's width (K float32 channels + weights), never the scene.
 Windows arrive in order (``preserve_order``), so the blending sums in a fixed order: runs are repeatable.
 
-Outputs per scene (in ``output``): ``<stem>.tif`` (COG by default) on the scene's CRS and transform,
-optionally ``<stem>.probabilities.tif`` and ``<stem>.chips.parquet`` (per window: position, centroid
-lon/lat, encoder embedding; for scene-level classification models this table, with class scores, is the
-output). Every file is written under a temporary name and renamed when complete, the class GeoTIFF
-last, so an existing ``<stem>.tif`` carrying this run's fingerprint means the scene is done.
+Outputs per scene (in ``output``): ``<stem>.tif`` (COG by default) on the scene's CRS and transform (a
+class map carries a colour table and its class names), optionally ``<stem>.probabilities.tif`` and
+``<stem>.chips.parquet``: GeoParquet, one row per window with its footprint polygon (``geometry``, WKB, in
+the scene's CRS, recorded as PROJJSON), the scene's acquisition ``date``, its position and centroid
+(lon/lat) and, with ``embeddings``, the encoder's pooled features, so a region's embeddings can be
+searched or clustered; for scene-level classification models this table, with class scores, is the
+output. It is streamed, a row group every ``CHIP_ROWS`` windows. Every file is written under a
+temporary name and renamed when complete, the class GeoTIFF last, so an existing ``<stem>.tif``
+carrying this run's fingerprint means the scene is done.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import hashlib
 import json
-import os
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from earthray.config import ConfigError
+from earthray.io.write import GeoParquetWriter, RasterWriter, footprint_wkb
 from earthray.serve.predictor import (
     NODATA_CLASS,
     SCENE,
@@ -58,6 +64,8 @@ from earthray.serve.spec import InferSpec, load_infer_spec
 __all__ = ["InferResult", "InferSpec", "SceneResult", "infer", "load_infer_spec"]
 
 FINGERPRINT_TAG = "EARTHRAY_INFER"
+CHIP_ROWS = 256
+"""Chip rows per GeoParquet row group: the driver holds at most this many per scene."""
 
 
 @dataclass
@@ -89,6 +97,8 @@ class _Plan:
     rows: list[int]
     cols: list[int]
     stem: str
+    acquired: Any = None
+    """The scene's acquisition time (a datetime), when its files or tags tell it."""
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -110,16 +120,16 @@ def _expand(entries: list[str | list[str]]) -> list[str | list[str]]:
 
 
 def _resolve_model(spec: InferSpec) -> tuple[str, ModelInfo, str]:
-    """The model pinned (an alias to its version), its contract, and a fingerprint of its weights."""
+    """The model pinned (an alias to its version) and verified, its contract, and a fingerprint of its weights."""
     from earthray import registry
-    from earthray.bundle import local_bundle, read_meta
+    from earthray.bundle import local_bundle, verify_bundle
 
     source = spec.model
     try:
         if registry.is_registry_uri(source):
             name, version = registry.resolve(source, spec.tracking_uri)
             source = f"{registry.SCHEME}{name}/{version}"
-        meta = read_meta(local_bundle(source, spec.tracking_uri))
+        meta = verify_bundle(local_bundle(source, spec.tracking_uri))  # a tampered bundle: one line, here
         info = ModelInfo.from_meta("model", source, meta)
     except (LookupError, ValueError, OSError) as e:
         raise ConfigError(f"model {spec.model}: {e}") from None
@@ -179,7 +189,7 @@ def _plan(spec: InferSpec, info: ModelInfo, weights: str) -> tuple[list[_Plan], 
         stems[stem] = name
         try:
             with open_scene(source, nodata=info.sensors[0].nodata) as scene:
-                grid, count, names = scene.grid, scene.count, scene.band_names
+                grid, count, names, acquired = scene.grid, scene.count, scene.band_names, scene.acquired
             if spec.bands and len(spec.bands) != count:
                 raise RequestError(f"the spec names {len(spec.bands)} bands ({', '.join(spec.bands)}); the scene "
                                    f"has {count}")
@@ -201,8 +211,9 @@ def _plan(spec: InferSpec, info: ModelInfo, weights: str) -> tuple[list[_Plan], 
                                        "model or other settings (overwrite: true replaces it)"))
             continue
         prints[i] = fp
-        plans.append(_Plan(i, name, source, order, [s.name for s in carried.sensors], grid, tile_starts(grid.height, size, spec.overlap),
-                           tile_starts(grid.width, size, spec.overlap), stem))
+        plans.append(_Plan(i, name, source, order, [s.name for s in carried.sensors], grid,
+                           tile_starts(grid.height, size, spec.overlap), tile_starts(grid.width, size, spec.overlap),
+                           stem, acquired))
     return plans, results, prints
 
 
@@ -285,8 +296,6 @@ class _Stitcher:
     """One scene's outputs, written strip by strip as window rows complete."""
 
     def __init__(self, plan: _Plan, info: ModelInfo, spec: InferSpec, fingerprint: str):
-        from earthray.io import RasterWriter
-
         self.plan, self.info, self.spec = plan, info, spec
         self.files = _outputs(spec, info, plan.stem)
         self.size = info.input_size
@@ -305,20 +314,23 @@ class _Stitcher:
         try:
             if "main" in self.files:
                 if info.task == "segmentation":
-                    self.writers["main"] = RasterWriter(self.files["main"], g, 1, "uint8", NODATA_CLASS,
-                                                        tags | {"classes": json.dumps(info.classes)}, ["class"],
-                                                        cog=spec.cog)
+                    self.writers["main"] = RasterWriter(self.files["main"], g, 1, "uint8", NODATA_CLASS, tags,
+                                                        ["class"], cog=spec.cog, classes=info.classes)
                 else:
                     self.writers["main"] = RasterWriter(self.files["main"], g, k, "float32", float("nan"), tags,
                                                         info.outputs, cog=spec.cog)
             if "probabilities" in self.files:
                 self.writers["probabilities"] = RasterWriter(self.files["probabilities"], g, k, "float32",
                                                              float("nan"), tags, info.outputs, cog=spec.cog)
+            if "chips" in self.files:
+                self.writers["chips"] = GeoParquetWriter(self.files["chips"], self._chip_schema(), g.crs, {
+                    FINGERPRINT_TAG: fingerprint, "crs": g.crs_string(), "window": str(self.size),
+                    "classes": json.dumps(info.classes)})
         except BaseException:
             self.abort()
             raise
         self.chips: list[dict] = []
-        self.fingerprint = fingerprint
+        """Chip rows not yet written (a row group is written every ``CHIP_ROWS``)."""
 
     @property
     def complete(self) -> bool:
@@ -372,22 +384,37 @@ class _Stitcher:
         self.acc, self.wsum, self.valid = self.acc[:, n:].copy(), self.wsum[n:].copy(), self.valid[n:].copy()
         self.base = limit
 
+    def _chip_schema(self):
+        import pyarrow as pa
+
+        fields = [("row", pa.int32()), ("col", pa.int32()), ("x", pa.float64()), ("y", pa.float64()),
+                  ("lon", pa.float64()), ("lat", pa.float64()), ("valid_fraction", pa.float32()),
+                  ("date", pa.timestamp("us", tz="UTC"))]
+        if self.spec.embeddings:
+            fields.append(("embedding", pa.list_(pa.float32())))
+        if self.info.task in SCENE:
+            fields += [("scores", pa.list_(pa.float32())), ("class", pa.string())]
+        return pa.schema(fields + [("geometry", pa.binary())])
+
     def _chip(self, row, col, out, valid, predicted, embedding) -> None:
         g, s = self.plan.grid, self.size
-        x, y = g.transform @ (col + s / 2, row + s / 2)
-        entry = {"row": row, "col": col, "x": float(x), "y": float(y), "valid_fraction": float(valid.mean())}
+        x, y = g.transform * (col + s / 2, row + s / 2)
+        entry = {"row": row, "col": col, "x": float(x), "y": float(y), "valid_fraction": float(valid.mean()),
+                 "geometry": footprint_wkb(g.transform, col, row, s, s)}
         if embedding is not None:
             entry["embedding"] = embedding.astype(np.float32) if predicted else None
         if self.info.task in SCENE:
             entry["scores"] = out.astype(np.float32) if predicted else None
             entry["class"] = self.info.classes[int(out.argmax())] if predicted else None
         self.chips.append(entry)
+        if len(self.chips) >= CHIP_ROWS:
+            self._write_chips()
 
     def finish(self) -> SceneResult:
         try:
             if "chips" in self.files:
                 self._write_chips()
-            for key in ("probabilities", "main"):  # the class GeoTIFF last: its presence means done
+            for key in ("chips", "probabilities", "main"):  # the class GeoTIFF last: its presence means done
                 if key in self.writers:
                     self.writers.pop(key).close(ok=True)
         except BaseException:
@@ -396,28 +423,20 @@ class _Stitcher:
         return SceneResult(self.plan.name, "done", str(next(iter(self.files.values()))), self.windows)
 
     def _write_chips(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        """The buffered chip rows as one row group: centroids also in lon/lat, the scene's date on each."""
         from rasterio.warp import transform as warp_transform
 
-        g = self.plan.grid
-        xs = [c["x"] for c in self.chips]
-        ys = [c["y"] for c in self.chips]
-        if g.crs is not None and xs:
-            lons, lats = warp_transform(g.crs, "EPSG:4326", xs, ys)
-        else:
-            lons, lats = [float("nan")] * len(xs), [float("nan")] * len(xs)
-        columns = {k: [c[k] for c in self.chips] for k in self.chips[0]} if self.chips else {}
-        columns |= {"lon": list(lons), "lat": list(lats)}
-        table = pa.table({k: pa.array(v, type=pa.list_(pa.float32()) if k in ("embedding", "scores") else None)
-                          for k, v in columns.items()})
-        table = table.replace_schema_metadata({FINGERPRINT_TAG: self.fingerprint, "crs": g.crs_string(),
-                                               "window": str(self.size), "classes": json.dumps(self.info.classes)})
-        path = self.files["chips"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        if not self.chips:
+            return
+        crs, n = self.plan.grid.crs, len(self.chips)
+        xs, ys = [c["x"] for c in self.chips], [c["y"] for c in self.chips]
+        lons, lats = warp_transform(crs, "EPSG:4326", xs, ys) if crs is not None else ([math.nan] * n,) * 2
+        acquired = self.plan.acquired
+        if acquired is not None and acquired.tzinfo is None:
+            acquired = acquired.replace(tzinfo=dt.UTC)  # dates in file names and TIFF tags carry no zone
+        columns = {k: [c.get(k) for c in self.chips] for k in self.writers["chips"].schema.names}
+        self.writers["chips"].write(columns | {"lon": list(lons), "lat": list(lats), "date": [acquired] * n})
+        self.chips = []
 
     def abort(self) -> None:
         for w in self.writers.values():

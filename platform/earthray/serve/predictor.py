@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from earthray.data.chipper import _fits
+from earthray.data.chipper import fits
 from earthray.data.pipeline import SensorNorm, _normalise
 from earthray.sensors import Sensor
 
@@ -46,12 +46,14 @@ NODATA_CLASS = 255
 
 
 class RequestError(ValueError):
-    """An input the model cannot take; ``status`` is the HTTP status the app answers with."""
+    """An input the model cannot take; ``status`` is the HTTP status the app answers with, ``headers`` any
+    headers the answer needs (``Retry-After``, ``Connection: close``)."""
 
-    def __init__(self, message: str, status: int = 422):
+    def __init__(self, message: str, status: int = 422, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 # ---------------------------------------------------------------------------------------------- the contract
@@ -226,7 +228,7 @@ def prepare(info: ModelInfo, data: np.ndarray, valid: np.ndarray | None = None,
         part, ok = data[start:start + len(s.bands)], valid[start:start + len(s.bands)].all(axis=0)
         start += len(s.bands)
         dtype = np.dtype(s.dtype)
-        if dtype.kind in "iu" and part.dtype != dtype and not _fits(part[:, ok], dtype):
+        if dtype.kind in "iu" and part.dtype != dtype and not fits(part[:, ok], dtype):
             lo, hi = (float(part[:, ok].min()), float(part[:, ok].max())) if ok.any() else (0.0, 0.0)
             raise RequestError(f"values of {s.name} do not fit its stored type {dtype} (range {lo:g}..{hi:g}); "
                                f"the model takes raw {dtype} values, e.g. digital numbers, not scaled ones")

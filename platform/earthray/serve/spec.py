@@ -29,7 +29,8 @@ class InferSpec(StrictModel):
     gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
     cog: bool = Field(True, description="write Cloud-Optimised GeoTIFFs")
     probabilities: bool = Field(False, description="segmentation: also write per-class probabilities (float32)")
-    embeddings: bool = Field(False, description="also write per-window encoder embeddings with centroids (Parquet)")
+    embeddings: bool = Field(False, description="also write each window's pooled encoder embedding to "
+                             "<stem>.chips.parquet (GeoParquet: footprint polygon, CRS, acquisition date)")
     overwrite: bool = Field(False, description="replace outputs another model or other settings wrote")
     address: str | None = Field(None, description="Ray cluster address (default: local Ray)")
 

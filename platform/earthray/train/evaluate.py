@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import tempfile
 import uuid
@@ -35,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 
 from earthray.bundle import Bundle, load_bundle
 from earthray.config import ConfigError, StrictModel, load_yaml, resolve_path
-from earthray.data.manifest import load_manifest
+from earthray.data.manifest import label_layer, load_manifest
 from earthray.data.pipeline import GroupReader, read_group
 from earthray.models.heads import fuse_sensors
 from earthray.runtime import ensure_ray
@@ -50,6 +51,9 @@ Method = Literal["linear", "knn"]
 class EvalDataSpec(StrictModel):
     root: str = Field(description="an ingest output folder (holds manifest.json)")
     group: str = Field(description="a labelled shard group")
+    label: str | None = Field(None, description="the group's label layer to probe (default: its first)")
+    inputs: list[str] | None = Field(None, min_length=1, description="the group's sensors fed to the encoder "
+                                     "(default: all): probe a multi-sensor model with a modality missing")
     train_split: str = "train"
     eval_split: str = "val"
     max_dates: int = Field(8, ge=1, description="dates sampled per time series")
@@ -76,7 +80,7 @@ class LinearSpec(StrictModel):
 
 
 class EvalTrackingSpec(StrictModel):
-    tracking_uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
     experiment: str = "earthray-evaluate"
 
 
@@ -104,7 +108,9 @@ class EvaluateSpec(StrictModel):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.tracking_uri or f"sqlite:///{Path(self.workdir, 'mlflow.db').resolve()}"
+        """Where runs are logged and ``models:/`` URIs are looked up (as pretraining's ``tracking_uri``)."""
+        return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{Path(self.workdir, 'mlflow.db').resolve()}")
 
 
 def load_evaluate_spec(path: str | Path) -> EvaluateSpec:
@@ -140,17 +146,23 @@ class BandMap:
     shift: np.ndarray
 
 
-def input_mapping(bundle: Bundle, manifest: dict, group: str) -> dict[str, BandMap]:
-    """How to turn each sensor of ``group`` as ``read_group`` delivers it into what the bundle was trained on.
+def input_mapping(bundle: Bundle, manifest: dict, group: str, inputs: list[str] | None = None) -> dict[str, BandMap]:
+    """How to turn each sensor of ``group`` (or its ``inputs``) as ``read_group`` delivers it into what
+    the bundle was trained on; sensors left out are not fed to the encoder.
 
     The bundle's bands are picked from the group's by name; a sensor or band the bundle needs but
     the group lacks, or a different value transform, is a ConfigError naming them.
     """
     reader = GroupReader.from_manifest(manifest, group)
+    unknown = [s for s in inputs or [] if s not in reader.sensors]
+    if unknown:
+        raise ConfigError(f"data.inputs: group {group!r} has no sensors {unknown}; it has {list(reader.sensors)}")
     sensors = {s.name: s for s in bundle.sensors}
     source = str(bundle.path)
     out = {}
     for name, norm in reader.sensors.items():
+        if inputs is not None and name not in inputs:
+            continue
         if name not in sensors:
             raise ConfigError(f"data.group {group!r}: sensor {name!r} is not one the bundle {source} was trained on "
                               f"(its sensors: {', '.join(sensors)})")
@@ -258,17 +270,21 @@ def _label_task(manifest: dict, spec: EvaluateSpec) -> tuple[str, list[str] | No
         raise ConfigError(f"data.group: no group {group!r} in {spec.data.root}; groups: "
                           f"{', '.join(manifest['groups'])}")
     g = manifest["groups"][group]
-    if not g.get("label"):
-        labelled = [n for n, x in manifest["groups"].items() if x.get("label")]
+    try:
+        layer = label_layer(g, spec.data.label, f"data.label (group {group!r})")
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    if layer is None:
+        labelled = [n for n, x in manifest["groups"].items() if x.get("labels")]
         raise ConfigError(f"data.group: group {group!r} has no labels; labelled groups: {', '.join(labelled) or 'none'}")
     for attr in ("train_split", "eval_split"):
         split = getattr(spec.data, attr)
         if not g["by_split"].get(split):
             raise ConfigError(f"data.{attr}: group {group!r} has no chips in split {split!r}; "
                               f"splits: {g['by_split']}")
-    shape = g["tensors"]["label"]["shape"]
+    shape = g["tensors"][layer["column"]]["shape"]
     kind = {0: "class", 1: "multilabel"}.get(len(shape), "pixel")
-    return kind, g["label"].get("classes")
+    return kind, layer.get("classes")
 
 
 def extract_features(bundle: Bundle, spec: EvaluateSpec, manifest: dict | None = None) -> Features:
@@ -278,11 +294,11 @@ def extract_features(bundle: Bundle, spec: EvaluateSpec, manifest: dict | None =
 
     manifest = manifest or load_manifest(spec.data.root)
     kind, classes = _label_task(manifest, spec)
-    inputs = input_mapping(bundle, manifest, spec.data.group)
+    inputs = input_mapping(bundle, manifest, spec.data.group, spec.data.inputs)
     ensure_ray(spec.address)
     d = spec.data
     parts = [read_group(d.root, d.group, split, max_dates=d.max_dates, seed=spec.seed, num_cpus=d.decode_cpus,
-                        manifest=manifest).with_column("part", lit(i))
+                        manifest=manifest, label=d.label).with_column("part", lit(i))
              for i, split in enumerate((d.train_split, d.eval_split))]
     ds = parts[0].union(parts[1]).map_batches(
         FeatureExtractor,
@@ -470,10 +486,10 @@ def evaluate(bundle: str | Path | Bundle, spec: EvaluateSpec, *, log: bool = Tru
     With ``log``, one new MLflow run records the spec, the bundle and the scores.
     """
     source = _source(bundle)
-    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(str(bundle))
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(str(bundle), tracking_uri=spec.tracking_uri)
     manifest = load_manifest(spec.data.root)
     _label_task(manifest, spec)
-    input_mapping(loaded, manifest, spec.data.group)  # mismatches fail before a run is opened
+    input_mapping(loaded, manifest, spec.data.group, spec.data.inputs)  # mismatches fail before a run is opened
 
     run_id = uri = None
     if log:

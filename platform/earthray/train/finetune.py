@@ -15,7 +15,7 @@ from pathlib import Path
 
 from earthray.bundle import Bundle, load_bundle, local_bundle, save_bundle
 from earthray.config import ConfigError
-from earthray.data.manifest import load_manifest
+from earthray.data.manifest import label_layer, load_manifest
 from earthray.data.pipeline import read_group
 from earthray.recipes.finetune import TaskModel, TaskSpec
 from earthray.registry import RegisteredBundle, register_bundle
@@ -31,14 +31,19 @@ class FinetuneResult(PretrainResult):
     registered: RegisteredBundle | None = None
 
 
-def complete_task(task: TaskSpec, bundle: Bundle, manifest: dict, groups: list[str]) -> TaskSpec:
-    """Fill what the data knows: class names from the labels, the target's bands and statistics."""
+def complete_task(task: TaskSpec, bundle: Bundle, manifest: dict, groups: list[str],
+                  label: str | None = None) -> TaskSpec:
+    """Fill what the data knows: class names from the labels (layer ``label``, default each group's
+    first), the target's bands and statistics."""
     update: dict = {}
     held = {s for g in groups for s in manifest["groups"][g]["sensors"]}
     inputs = task.inputs or [s.name for s in bundle.sensors if s.name != task.target]
     if not held & set(inputs):
         raise ConfigError(f"task.inputs: groups {groups} hold {sorted(held)}, none of the model's inputs {inputs}")
-    labels = [manifest["groups"][g]["label"] for g in groups]
+    try:
+        labels = [label_layer(manifest["groups"][g], label, f"data.label (group {g!r})") for g in groups]
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
     unlabelled = [g for g, lab in zip(groups, labels) if not lab]
     classes = task.task in ("classification", "multilabel", "segmentation")
     # change detection derives its labels when no group has any (change_threshold)
@@ -75,8 +80,8 @@ def finetune(spec: FinetuneSpec, callbacks: list | None = None) -> FinetuneResul
     bundle = load_bundle(bundle_path)
     manifest = load_manifest(spec.data.root)
     groups = list(spec.data.groups)
-    sensors = sensors_of(manifest, groups)
-    task = complete_task(spec.task, bundle, manifest, groups)
+    sensors = sensors_of(manifest, groups, spec.data.sensors)
+    task = complete_task(spec.task, bundle, manifest, groups, spec.data.label)
     feed = bundle.input_stats()
     if task.target:
         feed[task.target] = target_stats(task.target, bundle, manifest, groups)
@@ -85,7 +90,8 @@ def finetune(spec: FinetuneSpec, callbacks: list | None = None) -> FinetuneResul
     def stream(group: str, split: str):
         try:
             return read_group(spec.data.root, group, split, max_dates=spec.data.max_dates, seed=spec.seed,
-                              num_cpus=spec.data.decode_cpus, manifest=manifest, normalisation=feed)
+                              num_cpus=spec.data.decode_cpus, manifest=manifest, normalisation=feed,
+                              label=spec.data.label, sensors=spec.data.sensors)
         except ValueError as e:
             raise ConfigError(f"{spec.bundle}: {e}") from None
 

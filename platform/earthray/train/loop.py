@@ -1,10 +1,14 @@
 """The one training loop every recipe runs in, on each Ray Train worker.
 
-Steps are optimiser steps. A checkpoint holds the strategy's state (every rank's shard
-under DeepSpeed), the full fp32 weights (``model.safetensors``, for export) and
-``trainer_state.json`` (step, epoch, micro-batches consumed in that epoch), so a
-restarted worker group resumes at the next step, skipping the micro-batches the epoch
-had already used.
+Steps are optimiser steps. After each one (with gradient accumulation: after the last
+micro-batch of each) the strategy runs the recipe's ``on_step_end`` on every rank (EMA
+teachers, prototypes, centres: the loop itself never touches recipe state), and the
+bytes a pretraining recipe then holds between steps are logged as ``held_bytes``.
+
+A checkpoint holds the strategy's state (every rank's shard under DeepSpeed), the full
+fp32 weights (``model.safetensors``, for export) and ``trainer_state.json`` (step, epoch,
+micro-batches consumed in that epoch), so a restarted worker group resumes at the next
+step, skipping the micro-batches the epoch had already used.
 """
 
 from __future__ import annotations
@@ -140,7 +144,8 @@ def evaluate_shards(strategy, shards: dict, batch_size: int, rank: int, world: i
     for name, shard in shards.items():
         for i, batch in enumerate(cache(name, lambda shard=shard: shard.iter_torch_batches(batch_size=batch_size))):
             if i % world == rank:
-                model.update_metrics(metrics, strategy._cast(batch))
+                with strategy.autocast():
+                    model.update_metrics(metrics, strategy._cast(batch))
     model.train()
     return {f"val_{k}": float(v) for k, v in metrics.compute().items()}
 
@@ -226,8 +231,11 @@ def train_loop(config: dict) -> None:
                 continue
             accum = 0
             step += 1
+            strategy.on_step_end(step)
             if rank == 0 and (step % spec.tracking.log_every == 0 or step == spec.max_steps):
                 metrics = meter.summary(world, micro_since_log) | {"lr": strategy.lr, "epoch": epoch}
+                if isinstance(spec, PretrainSpec):
+                    metrics["held_bytes"] = strategy.held_bytes()
                 tracking.log_metrics(config["tracking_uri"], config["run_id"], metrics, step)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s"))
                 log.info("%s step %d/%d %s wait %.0f%%", spec.name, step, spec.max_steps, shown,

@@ -26,13 +26,19 @@ class PretrainResult:
     metrics: dict
 
 
-def sensors_of(manifest: dict, groups: list[str]) -> list[Sensor]:
-    """The catalogue sensors the groups hold, restricted to the bands they were ingested with."""
+def sensors_of(manifest: dict, groups: list[str], only: list[str] | None = None) -> list[Sensor]:
+    """The catalogue sensors the groups hold (or those of them in ``only``), restricted to the bands they
+    were ingested with."""
     bands: dict[str, list[str]] = {}
     for g in groups:
         if g not in manifest["groups"]:
             raise ConfigError(f"data.groups: no group {g!r} in the shards; groups: {', '.join(manifest['groups'])}")
-        for sensor, b in manifest["groups"][g]["bands"].items():
+        held = manifest["groups"][g]["bands"]
+        if only is not None and not set(only) & set(held):
+            raise ConfigError(f"data.sensors: group {g!r} holds none of {only} (it holds {list(held)})")
+        for sensor, b in held.items():
+            if only is not None and sensor not in only:
+                continue
             if bands.setdefault(sensor, b) != b:
                 raise ConfigError(f"data.groups: sensor {sensor!r} has bands {bands[sensor]} in one group and {b} "
                                   f"in another; a model has one patch embedding per sensor")
@@ -84,11 +90,12 @@ def pretrain(spec: PretrainSpec, callbacks: list | None = None) -> PretrainResul
     """Train (or resume) ``spec.name``; returns where its checkpoint, bundle and MLflow run are."""
     get_recipe_class(spec.recipe)
     manifest = load_manifest(spec.data.root)
-    sensors = sensors_of(manifest, list(spec.data.groups))
+    sensors = sensors_of(manifest, list(spec.data.groups), spec.data.sensors)
     config = resolve_config(spec.recipe, spec.preset, **spec.model)
     ensure_ray(spec.address, preserve_order=True)
     datasets = {g: read_group(spec.data.root, g, spec.data.split, max_dates=spec.data.max_dates, seed=spec.seed,
-                              num_cpus=spec.data.decode_cpus, manifest=manifest, labels=False)
+                              num_cpus=spec.data.decode_cpus, manifest=manifest, labels=False,
+                              sensors=spec.data.sensors)
                 for g in spec.data.groups}
     workdir = Path(spec.workdir)
     run_id = tracking.open_run(spec.tracking_uri, spec.tracking.experiment, spec.name, spec.model_dump(),
@@ -104,18 +111,24 @@ def pretrain(spec: PretrainSpec, callbacks: list | None = None) -> PretrainResul
 
 def export_bundle(spec: PretrainSpec, sensors: list[Sensor], config: dict, checkpoint: Path, run_id: str,
                   out: Path) -> Path:
-    """Rebuild the recipe, load the checkpoint's full weights, and write a self-describing bundle."""
+    """Rebuild the recipe, load the checkpoint's full weights, and write a self-describing bundle.
+
+    Before saving, the recipe's ``prepare_downstream`` puts the weights downstream tasks start
+    from where ``encode`` reads them (SkySense: its EMA teacher); the provenance records which
+    (``encoder_weights``). The checkpoint itself keeps the training state as it was."""
     from safetensors.torch import load_file
 
     from earthray.bundle import save_bundle
     from earthray.recipes import create_recipe
 
-    model = create_recipe(spec.recipe, sensors, spec.preset, **spec.model)
+    model = create_recipe(spec.recipe, sensors, spec.preset, initial_weights=False, **spec.model)
     model.load_state_dict(load_file(str(checkpoint / WEIGHTS)))
+    encoder_weights = model.prepare_downstream()
     size = config.get("img_size") or config.get("hr_img_size") or 0
     return save_bundle(
         out, model, recipe=spec.recipe, preset=spec.preset, config=config, sensors=sensors,
         normalisation={s.name: {"mean": [b.mean for b in s.bands], "std": [b.std for b in s.bands]} for s in sensors},
         input_size=size, provenance={"run_name": spec.name, "mlflow_run_id": run_id, "checkpoint": str(checkpoint),
-                                     "data_root": spec.data.root, "groups": spec.data.groups},
+                                     "data_root": spec.data.root, "groups": spec.data.groups,
+                                     "encoder_weights": encoder_weights},
     )

@@ -16,6 +16,9 @@ class DataSpec(StrictModel):
     root: str = Field(description="an ingest output folder (holds manifest.json)")
     groups: dict[str, int] = Field(min_length=1, description="shard group -> per-worker batch size")
     split: str = "train"
+    label: str | None = Field(None, description="fine-tuning: the label layer to learn (default: each group's first)")
+    sensors: list[str] | None = Field(None, min_length=1, description="train on these of the groups' sensors only "
+                                      "(default: all), e.g. one modality of co-located pairs")
     max_dates: int = Field(8, ge=1, description="dates sampled per time series")
     augment: bool = True
     shuffle_buffer: int = Field(1024, ge=0, description="rows per worker and group mixed before batching, with an "

@@ -1,8 +1,15 @@
 """How one training step is distributed: DDP or DeepSpeed ZeRO, behind one small interface.
 
-The loop only calls ``forward``, ``backward``, ``step``, ``save``/``load`` and
-``full_state_dict``; accumulation, clipping, mixed precision and sharded state are the
-strategy's business.
+The loop only calls ``forward``, ``backward``, ``after_backward``, ``on_step_end``,
+``save``/``load`` and ``full_state_dict``; accumulation, clipping, mixed precision and
+sharded state are the strategy's business. That includes running a recipe's
+``on_step_end`` where its state can see whole weights: on the unwrapped module, and under
+ZeRO-3 inside a gather of the partitioned parameters.
+
+Mixed precision is autocast in both strategies. Under DDP parameters stay float32;
+DeepSpeed's bf16 mode casts parameters (its optimizer keeps float32 masters) but keeps
+buffers, teachers' weights among them, in float32, so forward passes run under autocast
+too, and EMA teachers, prototypes and centres update in float32 either way.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from earthray.recipes import Recipe
 from earthray.train.optim import param_groups, warmup_cosine
 from earthray.train.spec import TrainSpec
 
@@ -22,18 +30,44 @@ DEEPSPEED_TAG = "state"
 
 class Strategy:
     module: nn.Module
-    """The unwrapped recipe."""
+    """The unwrapped recipe (or fine-tuning model)."""
+    spec: TrainSpec
+    dtype: torch.dtype | None
+    """The autocast dtype of mixed precision; None in float32."""
 
     def forward(self, batch: dict) -> dict:
         raise NotImplementedError
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context forward passes run in (a no-op in float32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda" if self.spec.workers.use_gpu else "cpu", dtype=self.dtype)
+
     def reconstruct(self, batch: dict) -> dict:
         """The recipe's preview reconstructions; every rank must call it (ZeRO-3 gathers weights)."""
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             return self.module.reconstruct(self._cast(batch))
 
     def _cast(self, batch: dict) -> dict:
         return batch
+
+    def on_step_end(self, step: int) -> None:
+        """After optimiser step ``step`` (1 = the first), once, on every rank: the recipe's
+        ``on_step_end`` on the unwrapped module, in float32, on whole weights. A fine-tuning
+        model has no step-end state."""
+        if not isinstance(self.module, Recipe):
+            return
+        with self._whole_weights():
+            self.module.on_step_end(step)
+
+    def _whole_weights(self) -> contextlib.AbstractContextManager:
+        """Where ``on_step_end`` may read every parameter whole; every rank enters it."""
+        return contextlib.nullcontext()
+
+    def held_bytes(self) -> int:
+        """What the recipe holds between steps (``Recipe.held_bytes``); 0 for a fine-tuning model."""
+        return self.module.held_bytes() if isinstance(self.module, Recipe) else 0
 
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
@@ -67,7 +101,8 @@ class DDPStrategy(Strategy):
 
         self.spec = spec
         # Batches may lack a sensor (unused embeddings/decoders) and routing leaves experts idle;
-        # teachers are buffers that never change on their own, so there is nothing to broadcast.
+        # buffers (teachers, prototypes, centres) change only in on_step_end, identically on every
+        # rank (EMAs of the same student, gathered updates), so there is nothing to broadcast.
         self.model = ray.train.torch.prepare_model(
             recipe, parallel_strategy_kwargs={"find_unused_parameters": True, "broadcast_buffers": False})
         self.module = recipe
@@ -77,9 +112,7 @@ class DDPStrategy(Strategy):
         self.dtype = torch.bfloat16 if spec.strategy.precision == "bf16" else None
 
     def forward(self, batch: dict) -> dict:
-        ctx = torch.autocast("cuda" if self.spec.workers.use_gpu else "cpu", dtype=self.dtype) if self.dtype \
-            else contextlib.nullcontext()
-        with ctx:
+        with self.autocast():
             return self.model(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -150,7 +183,18 @@ class DeepSpeedStrategy(Strategy):
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
     def forward(self, batch: dict) -> dict:
-        return self.engine(self._cast(batch))
+        with self.autocast():
+            return self.engine(self._cast(batch))
+
+    def _whole_weights(self) -> contextlib.AbstractContextManager:
+        """ZeRO-3 partitions parameters (not buffers): gather them, read-only, for a recipe with
+        step-end state (an EMA reads the whole student); ZeRO-1/2 keep whole parameters."""
+        stateful = isinstance(self.module, Recipe) and self.module.stateful_tensors()
+        if self.spec.strategy.zero_stage < 3 or not stateful:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -29,8 +29,10 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {re.sub(r"[^\w\-. :/]", "_", prefix.rstrip(".")): str(data)[:6000]}  # MLflow's key charset
 
 
-def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], artifact_root: Path) -> str:
-    """The run named ``run_name`` in ``experiment`` (created if new), with ``params`` logged once."""
+def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], artifact_root: Path,
+             tags: dict[str, str] | None = None) -> str:
+    """The run named ``run_name`` in ``experiment`` (created if new, with ``tags``, e.g. a parent run's
+    ``mlflow.parentRunId``), with ``params`` logged once."""
     from mlflow.entities import Param
 
     client = _client(uri)
@@ -45,7 +47,7 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], a
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: run_name})
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: run_name, **(tags or {})})
     flat = flatten(params)
     items = [Param(k, v) for k, v in flat.items()]
     for i in range(0, len(items), 100):
