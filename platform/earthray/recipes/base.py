@@ -11,16 +11,9 @@ changes outside the optimiser is declared (``stateful_tensors``) and updated in
 steps is reported (``held_bytes``); ``prepare_downstream`` picks the weights exported
 bundles hand to downstream tasks; ``load_initial_weights`` reads local pretrained files.
 
-Batch layout (what the data pipeline delivers; a flat dict, as Ray Data batches are):
-
-- ``batch[sensor]``: float32, normalised; ``(B, C, H, W)`` for single-date sensors,
-  ``(B, T, C, H, W)`` for time series.
-- ``batch[f"{sensor}.valid"]``: bool ``(B, H, W)`` / ``(B, T, H, W)``; optional (all valid).
-- ``batch[f"{sensor}.present"]``: bool ``(B,)``; False where the sample lacks that sensor;
-  optional (all present).
-- ``batch[f"{sensor}.doy"]``: int64 ``(B, T)`` day of year (1..366), time series only.
-- ``batch[f"{sensor}.tmask"]``: bool ``(B, T)``, False on padded dates; time series only.
-- ``batch["lonlat"]``: float32 ``(B, 2)`` chip centres in degrees; optional.
+The batch layout (what the data pipeline delivers: ``batch[sensor]`` plus its ``.valid``,
+``.present``, ``.doy`` and ``.tmask`` companions, ``lonlat``, ``label``) and the readers that
+fill its defaults live in one place, :mod:`earthray.data.batch`.
 """
 
 from __future__ import annotations

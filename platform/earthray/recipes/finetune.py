@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from earthray.data import batch as layout
 from earthray.models.heads import create_head, fuse_sensors
 from earthray.recipes.base import Batch, Recipe
 
@@ -183,10 +184,10 @@ class TaskModel(nn.Module):
         frozen = self.spec.encoder == "frozen" if frozen is None else frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             enc = self.encoder.encode(view)
-        feats = {s: [_date_mean(f, batch.get(f"{s}.tmask")) for f in enc[s]] for s in self.inputs if s in enc}
+        feats = {s: [_date_mean(f, layout.tmask(batch, s)) for f in enc[s]] for s in self.inputs if s in enc}
         if not feats:
             raise ValueError(f"the batch has none of the input sensors {self.inputs}")
-        present = {s: batch[f"{s}.present"] for s in feats if f"{s}.present" in batch}
+        present = {s: layout.present(batch, s) for s in feats}
         return fuse_sensors(feats, present)
 
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -211,11 +212,7 @@ class TaskModel(nn.Module):
         s, task = self.spec, self.spec.task
         if task in ("regression", "translation"):
             y = batch[s.target]
-            mask = batch.get(f"{s.target}.valid", torch.ones(y.shape[0], *y.shape[-2:], dtype=torch.bool,
-                                                              device=y.device))
-            if f"{s.target}.present" in batch:
-                mask = mask & batch[f"{s.target}.present"].view(-1, 1, 1)
-            return y, mask
+            return y, layout.valid(batch, s.target) & layout.present(batch, s.target).view(-1, 1, 1)
         if task == "change" and "label" not in batch:
             return self._derived_change(batch), None
         label = batch["label"]
@@ -231,7 +228,7 @@ class TaskModel(nn.Module):
         std = torch.tensor([b.std for b in self.encoder.sensors[s].bands], device=before[s].device)
         change = ((after[s] - before[s]).abs() * std.view(1, -1, 1, 1)).mean(1) > self.spec.change_threshold
         label = change.long()
-        valid = before.get(f"{s}.valid", torch.ones_like(change)) & after.get(f"{s}.valid", torch.ones_like(change))
+        valid = layout.valid(before, s) & layout.valid(after, s)
         return label.masked_fill(~valid, self.spec.ignore_index)
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -324,12 +321,12 @@ def _two_dates(batch: Batch, sensors: list[str]) -> tuple[dict, dict]:
         x = batch[s]
         if x.dim() != 5:
             raise ValueError(f"change detection needs a time series for {s!r}, got shape {tuple(x.shape)}")
-        tmask = batch.get(f"{s}.tmask", torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        tmask = layout.tmask(batch, s)
         idx = torch.arange(len(x), device=x.device)
         last = (tmask.long().cumsum(1).argmax(1))
         before[s], after[s] = x[:, 0], x[idx, last]
-        if f"{s}.valid" in batch:
-            before[f"{s}.valid"], after[f"{s}.valid"] = batch[f"{s}.valid"][:, 0], batch[f"{s}.valid"][idx, last]
+        valid = layout.valid(batch, s)
+        before[s + layout.VALID], after[s + layout.VALID] = valid[:, 0], valid[idx, last]
     return before, after
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earthray.data import batch as layout
 from earthray.models.backbones import SwinEncoder
 from earthray.models.contrastive import cgcl_loss
 from earthray.models.decoders import SimMIMDecoder
@@ -158,14 +159,10 @@ class MaRS(Recipe):
             self.teacher.eval()
         return self
 
-    def _present(self, batch: Batch, sensor: str) -> torch.Tensor:
-        x = batch[sensor]
-        return batch.get(f"{sensor}.present", torch.ones(x.shape[0], dtype=torch.bool, device=x.device)).bool()
-
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         c = self.config
         images = {m: batch[m] for m in self.modalities}
-        present = {m: self._present(batch, m) for m in self.modalities}
+        present = {m: layout.present(batch, m) for m in self.modalities}
         first = images[self.optical]
         grid = self.encoders[self.optical].grid
         masks = {
@@ -179,9 +176,7 @@ class MaRS(Recipe):
         for m, tokens in zip(self.modalities, refined):
             recon = self.decoders[m](tokens.view_as(last[m]))
             pixels = masks[m].repeat_interleave(c.patch_size, 1).repeat_interleave(c.patch_size, 2)
-            pixels = pixels & present[m][:, None, None]
-            if f"{m}.valid" in batch:
-                pixels = pixels & batch[f"{m}.valid"].bool()
+            pixels = pixels & present[m][:, None, None] & layout.valid(batch, m)
             losses[f"mim_{m}"] = _masked_l1(recon, images[m], pixels)
 
         pairs = present[self.optical] & present[self.sar]

@@ -41,6 +41,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
 from torch import nn
 
+from earthray.data import batch as layout
 from earthray.models.backbones import SwinEncoder
 from earthray.models.decoders import SimMIMDecoder
 from earthray.models.masking import simmim_mask
@@ -202,10 +203,7 @@ class MsGFM(Recipe):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         c = self.config
         names = self._sensors_in(batch)
-        present = {
-            n: batch.get(f"{n}.present", torch.ones(batch[n].shape[0], dtype=torch.bool, device=batch[n].device))
-            for n in names
-        }
+        present = {n: layout.present(batch, n) for n in names}
         terms: dict[str, torch.Tensor] = {}
         aux, distill = [], []
         for name in names:
@@ -235,10 +233,7 @@ class MsGFM(Recipe):
         """Each present sensor rebuilding itself (the cross-sensor target is a training-time choice)."""
         c, out = self.config, {}
         for name in self._sensors_in(batch):
-            x = batch[name]
-            present = batch.get(f"{name}.present")
-            if present is not None:
-                x = x[present.bool()]
+            x = batch[name][layout.present(batch, name)]
             if len(x) == 0:
                 continue
             mask = simmim_mask(len(x), self.encoder.grid, c.mask_patch, c.patch_size, c.mask_ratio, device=x.device)
@@ -278,10 +273,7 @@ class MsGFM(Recipe):
                 continue
             src = rows[sel]
             pred = self.decoders[t](latent[sel])
-            weight = pix[sel].to(pred.dtype)
-            valid = batch.get(f"{t}.valid")
-            if valid is not None:
-                weight = weight * valid[src][:, None].to(pred.dtype)
+            weight = pix[sel].to(pred.dtype) * layout.valid(batch, t)[src][:, None].to(pred.dtype)
             total = total + ((pred - batch[t][src]).abs() * weight).sum() / pred.shape[1]
             count = count + weight.sum()
         return total / count.clamp_min(1e-5)

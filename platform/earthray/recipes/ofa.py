@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earthray.data import batch as layout
 from earthray.models.backbones import ViTEncoder
 from earthray.models.decoders import MAEDecoder, patchify, unpatchify
 from earthray.models.masking import random_masking
@@ -126,17 +127,15 @@ class OFA(Recipe):
             x = batch[name]
             if x.ndim != 4:
                 raise ValueError(f"{name}: OFA-Net takes single-date chips (B, C, H, W), got {tuple(x.shape)}")
-            valid = batch.get(f"{name}.valid")
-            present = batch.get(f"{name}.present")
-            if only_present and present is not None:
-                x = x[present]
-                valid = valid[present] if valid is not None else None
+            valid = layout.valid(batch, name)
+            if only_present:
+                present = layout.present(batch, name)
+                x, valid = x[present], valid[present]
                 if x.shape[0] == 0:
                     continue
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-                if valid is not None:
-                    valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+                valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
             yield name, x, valid
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

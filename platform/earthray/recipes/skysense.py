@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earthray.data import batch as layout
 from earthray.models.backbones import SwinEncoder, ViTEncoder
 from earthray.models.contrastive import DINOHead, DINOLoss, cluster_assignment, info_nce
 from earthray.models.ema import ema_update_, frozen_copy
@@ -256,17 +257,10 @@ class SkySense(Recipe):
             if x.dim() == 4:
                 x = x.unsqueeze(1)
             b, t = x.shape[:2]
-            doy = batch.get(f"{sensor}.doy")
-            doy = doy.long().reshape(b, t) if doy is not None else torch.zeros(b, t, dtype=torch.long, device=x.device)
-            dates = batch.get(f"{sensor}.tmask", torch.ones(b, t, dtype=torch.bool, device=x.device)).reshape(b, t)
-            present = batch.get(f"{sensor}.present", torch.ones(b, dtype=torch.bool, device=x.device))
-            dates = dates.bool() & present.bool()[:, None]
-            valid = batch.get(f"{sensor}.valid")
-            if valid is None:
-                cells = dates[:, :, None, None].expand(-1, -1, *self.student.grid)
-            else:
-                valid = valid.reshape(b, t, *valid.shape[-2:]).float()
-                cells = (F.adaptive_avg_pool2d(valid, self.student.grid) > 0.5) & dates[:, :, None, None]
+            doy = layout.doy(batch, sensor)
+            dates = layout.tmask(batch, sensor) & layout.present(batch, sensor)[:, None]
+            valid = layout.valid(batch, sensor).reshape(b, t, *x.shape[-2:]).float()
+            cells = (F.adaptive_avg_pool2d(valid, self.student.grid) > 0.5) & dates[:, :, None, None]
             if augment:
                 gain = 1 + c.jitter * torch.randn(b, t, x.shape[2], 1, 1, device=x.device, dtype=x.dtype)
                 offset = c.jitter * torch.randn(b, t, x.shape[2], 1, 1, device=x.device, dtype=x.dtype)
