@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.earthray-installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test test-fast install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+# The unit tier alone: no Ray, a minute or two (`make test` runs it and the integration tier).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not integration"
 
 clean:
 	rm -rf work .pytest_cache

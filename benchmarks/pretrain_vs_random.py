@@ -1,19 +1,21 @@
-"""Does earthray's pretraining help? Land-cover segmentation on the labelled Landsat 7 sample.
+"""Does earthray's pretraining help? Land-cover segmentation on a place pretraining never saw.
 
-One run, side by side, through the platform's own jobs:
+One run, side by side, through the platform's own jobs, on the bundled real data:
 
-1. ingest the bundled Landsat 7 scene with its strata labels (32 px chips; spatial blocks: 70 %
-   train, 30 % held out), plus an overlapping-stride (8 px) copy of the same scene for pretraining;
-2. pretrain OFA-Net tiny (MAE; 4 px patches, half masked) on the train blocks' images only (labels unused);
+1. ingest the sample (``jobs/ingest-sample.yaml``): Sentinel-2 L2A dates of WorldCereal Flanders patch A
+   (split train) and patch B, 80 km east (split test), with per-pixel land cover, and the monthly cube of a
+   third place (split train);
+2. pretrain OFA-Net tiny (MAE; 4 px patches, half masked) on the Sentinel-2 chips of patch A and the
+   monthly cube (labels unused; patch B never seen);
 3. for each seed, fine-tune the same FPN segmentation head with the same steps, data order and head
-   init on (a) the pretrained encoder and (b) an encoder randomly initialised with that seed, with
-   the same input normalisation, per encoder mode (``frozen`` by default; ``full`` too on request);
-4. print held-out mIoU / OA per seed, their mean and spread, the paired gain, and IoU per class.
+   init on patch A with (a) the pretrained encoder and (b) an encoder randomly initialised with that
+   seed, the same input normalisation, per encoder mode (``frozen`` by default; ``full`` too on request);
+4. score on patch B: mIoU / OA per seed, their mean and spread, the paired gain, and IoU per class.
 
     python benchmarks/pretrain_vs_random.py [--seeds 5] [--modes frozen,full] [--pretrain-steps 400]
 
-One seed is noise at this scale (23-50 held-out chips): the seed-to-seed spread of a random init is
-as large as the effects measured, which is why the comparison is paired and repeated.
+One seed is noise at this scale: the seed-to-seed spread of a random init is as large as the effects
+measured, which is why the comparison is paired and repeated.
 """
 
 from __future__ import annotations
@@ -25,21 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-L7 = ROOT / "data" / "sample" / "landsat7_nc"
-GROUP = "landsat7_etm+label"
+PAIRS = "s2_l2a+s1_grd_db+label"
+MONTHLY = "s2_l2a+s1_grd_db+dem"
+DATA = {"sensors": ["s2_l2a"]}  # Sentinel-2 alone, from the co-located groups
 MODEL = {"patch_size": 4, "mask_ratio": 0.5}  # 8x8 tokens per 32 px chip; see the issue 5 notes
-
-
-def ingest_spec(out: Path, stride: int) -> dict:
-    bands = [str(L7 / f"lsat7_2000_{b}0.tif") for b in (1, 2, 3, 4, 5, 7)]
-    return {
-        "name": f"l7-stride{stride}", "output": str(out), "chip_size": 32, "stride": stride,
-        "min_valid_fraction": 0.5, "split": {"train": 0.7, "val": 0.3, "test": 0.0, "seed": 0},
-        "inputs": [{"name": "landsat7_nc", "sensors": {"landsat7_etm": {"stack": bands,
-                                                                         "bands": ["B1", "B2", "B3", "B4", "B5", "B7"]}},
-                    "label": {"path": str(L7 / "strata.tif"), "first_class": 1,
-                              "classes": [f"class_{i}" for i in range(1, 8)]}}],
-    }
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
 
     from earthray.bundle import load_bundle, save_bundle
     from earthray.data.ingest import ingest
-    from earthray.data.spec import IngestSpec
+    from earthray.data.spec import load_spec
     from earthray.recipes import create_recipe
     from earthray.runtime import ensure_ray
     from earthray.train.finetune import finetune
@@ -65,18 +56,18 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="earthray-pvr-"))
     ensure_ray()
     t0 = time.perf_counter()
-    labelled = ingest(IngestSpec.model_validate(ingest_spec(work / "shards" / "l7", 32)))
-    # Same scene, overlapping chips for pretraining; the spatial blocks (and so the splits) are the same.
-    unlabelled = ingest(IngestSpec.model_validate(ingest_spec(work / "shards" / "l7-dense", 8)))
-    counts = labelled["groups"][GROUP]["by_split"]
-    print(f"chips: labelled {counts}, pretraining (train blocks, stride 8) "
-          f"{unlabelled['groups'][GROUP]['by_split'].get('train')}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    spec = load_spec(ROOT / "jobs" / "ingest-sample.yaml")
+    spec.output = str(work / "shards")
+    manifest = ingest(spec)
+    counts = manifest["groups"][PAIRS]["by_split"]
+    print(f"chips: labelled Flanders pairs {counts} (train: patch A, test: patch B), monthly cube "
+          f"{manifest['groups'][MONTHLY]['by_split']}  [{time.perf_counter() - t0:.0f} s]", flush=True)
 
     common = {"workdir": str(work), "tracking": {"log_every": 50}, "workers": {"num_workers": 1, "cpus_per_worker": 1}}
     t0 = time.perf_counter()
     pre = pretrain(PretrainSpec.model_validate({
         **common, "name": "pvr-pretrain", "recipe": "ofa", "preset": "tiny", "model": MODEL,
-        "data": {"root": str(work / "shards" / "l7-dense"), "groups": {GROUP: 32}, "split": "train"},
+        "data": {"root": spec.output, "groups": {PAIRS: 32, MONTHLY: 32}, "split": "train", **DATA},
         "optim": {"lr": 1.5e-3, "warmup_steps": 20, "weight_decay": 0.05},
         "max_steps": args.pretrain_steps, "checkpoint_every": args.pretrain_steps}))
     print(f"pretrained {args.pretrain_steps} steps: loss {pre.metrics.get('loss', float('nan')):.4f} "
@@ -101,10 +92,10 @@ def main() -> None:
                 result = finetune(FinetuneSpec.model_validate({
                     **common, "seed": seed, "name": f"pvr-{mode}-{label.split()[0]}-{seed}", "bundle": str(bundle),
                     "task": {"task": "segmentation", "encoder": mode, "layer_decay": 0.75},
-                    "data": {"root": str(work / "shards" / "l7"), "groups": {GROUP: 16}},
+                    "data": {"root": spec.output, "groups": {PAIRS: 16}, "label": "land_cover", **DATA},
                     "optim": {"lr": lr, "warmup_steps": 10, "weight_decay": 0.05},
                     "max_steps": args.finetune_steps, "checkpoint_every": args.finetune_steps,
-                    "eval": {"split": "val", "batch_size": 64}}))
+                    "eval": {"split": "test", "batch_size": 64}}))
                 rows.setdefault((mode, label), []).append(result.metrics)
             print(f"seed {seed}: " + "  ".join(f"{m}/{lb} mIoU {v[-1]['val_miou']:.4f}" for (m, lb), v in rows.items()
                                                if m in args.modes.split(",")), flush=True)
@@ -112,7 +103,7 @@ def main() -> None:
     def mean(runs: list[dict[str, float]], key: str) -> float:
         return statistics.mean(r[key] for r in runs)
 
-    print(f"\nheld-out (val blocks, {counts.get('val')} chips) land-cover segmentation, OFA-Net tiny, "
+    print(f"\nheld-out place (Flanders patch B, {counts.get('test')} chips) land-cover segmentation, OFA-Net tiny, "
           f"{args.finetune_steps} fine-tuning steps, {args.seeds} seeds")
     print(f"{'encoder':8} {'init':12} {'mIoU mean':>10} {'sd':>7} {'OA mean':>8}  per seed mIoU")
     for (mode, label), v in rows.items():

@@ -58,8 +58,8 @@ def make_bundle(path: Path, task: str, preset: str = "tiny", size: int = 32) -> 
 
     from earthray.bundle import save_bundle
     from earthray.recipes import create_recipe
-    from earthray.recipes.finetune import TaskModel, TaskSpec
     from earthray.sensors import get_sensor
+    from earthray.tasks import TaskModel, TaskSpec
 
     torch.manual_seed(0)
     sensor = get_sensor("landsat7_etm").select(L7)

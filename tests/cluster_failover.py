@@ -1,6 +1,10 @@
 """Run by test_train.py in its own process: pretraining on a multi-node Ray cluster on this
 machine, where a node holding a training worker is removed mid-run (and a new node joins,
-as an autoscaler would add one). Prints the outcome as JSON on the last line."""
+as an autoscaler would add one). Prints the outcome as JSON on the last line.
+
+The test gives this process a Ray temp dir of its own (``RAY_TMPDIR``): the cluster records its
+head's address there, and no later ``ray.init()`` on this machine can find the dead head.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,10 @@ import time
 from pathlib import Path
 
 import ray
-from ray._common.utils import reset_ray_address
-from ray._private.utils import read_ray_address
 from ray.cluster_utils import Cluster
 
 from earthray.train.run import pretrain
-from train_helpers import metric_steps, registered_checkpoint_steps, tiny_spec
+from train_helpers import RecordRegisteredCheckpoints, metric_steps, registered_steps, tiny_spec
 
 
 def main(root: str, workdir: str) -> None:
@@ -26,30 +28,24 @@ def main(root: str, workdir: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
-        # Cluster records its head as this machine's current Ray (/tmp/ray/ray_current_cluster) and
-        # leaves the record behind; a later bare ray.init() would try to join the dead head.
-        if read_ray_address() == cluster.address:
-            reset_ray_address()
 
 
 def run(cluster: Cluster, root: str, workdir: str) -> None:
+    # One "trainer" per worker node and per Train worker: each of these nodes holds one of the two workers.
     nodes = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
     ray.init(address=cluster.address)
     spec = tiny_spec(root, Path(workdir), "node-loss", max_steps=40, checkpoint_every=5, max_failures=3,
                      workers={"num_workers": 2, "cpus_per_worker": 0.5, "resources": {"trainer": 1}})
+    registered = Path(workdir) / "registered-steps"
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(spec)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=pretrain(spec, callbacks=[RecordRegisteredCheckpoints(registered)])), daemon=True)
     thread.start()
     deadline = time.time() + 300
-    while not registered_checkpoint_steps(spec) and time.time() < deadline and thread.is_alive():
+    while not registered_steps(registered) and time.time() < deadline and thread.is_alive():
         time.sleep(0.1)
-    from ray._private import state  # the GCS view of this cluster (the state API may pick another Ray)
-
-    hosts = {a["Address"]["NodeID"] for a in state.actors().values()
-             if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"}
-    victim = next(n for n in nodes if n.node_id in hosts)
     alive_before = thread.is_alive()
-    cluster.remove_node(victim)
+    cluster.remove_node(nodes[0])
     cluster.add_node(num_cpus=1, resources={"trainer": 1})
     thread.join(timeout=600)
     result = outcome["result"]

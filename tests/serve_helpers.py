@@ -18,8 +18,8 @@ from rasterio.windows import Window
 from earthray.bundle import save_bundle
 from earthray.io import Grid, open_scene, write_raster
 from earthray.recipes import create_recipe
-from earthray.recipes.finetune import TaskModel, TaskSpec
 from earthray.sensors import get_sensor
+from earthray.tasks import TaskModel, TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]

@@ -236,7 +236,7 @@ def test_crash_mid_save_keeps_the_previous_bundle(tmp_path, ofa_bundle):
     load_bundle(target)
 
     # A fresh path: nothing at all appears.
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk on fire"):
         _save(tmp_path / "fresh", model, "ofa", sensors, input_size=32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
@@ -257,7 +257,7 @@ def test_overwrite_replaces_the_bundle_and_refuses_other_directories(tmp_path):
     other = tmp_path / "data"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"data: exists and is not a bundle \(no bundle.json\); refusing"):
         _save(other, first, "ofa", sensors, input_size=32)
     assert (other / "precious.txt").read_text() == "keep me"
 

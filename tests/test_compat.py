@@ -18,9 +18,13 @@ def test_compat_fits_this_ray():
                          "update earthray/compat.py for this Ray")
 
 
-def test_serving_and_runtime_use_no_ray_internals_directly():
-    private = re.compile(r"\bray\.(serve\.)?_private\b|__serve_multiplex_wrapper")
-    files = [PACKAGE / "runtime.py", *sorted((PACKAGE / "serve").glob("*.py"))]
+def test_no_module_but_compat_uses_ray_internals():
+    """No private Ray module (``ray._private``, ``ray.train.v2._internal``, ...) nor private attribute of a Ray
+    object that earthray is known to have needed (Tune's report queue, Serve's multiplexer) outside compat.py.
+    A logger's name is no use of one (quieting a renamed logger fails nothing)."""
+    private = re.compile(r"^(?!.*getLogger\().*(\bray(\.\w+)*\._\w|_training_actor_item_queue|__serve_multiplex_wrapper)")
+    files = [f for f in sorted(PACKAGE.rglob("*.py")) if f != PACKAGE / "compat.py"]
+    assert PACKAGE / "tune" / "sweep.py" in files and PACKAGE / "runtime.py" in files
     offenders = [f"{f.relative_to(PACKAGE)}:{i}" for f in files
                  for i, line in enumerate(f.read_text().splitlines(), 1) if private.search(line)]
     assert not offenders, f"Ray internals outside earthray/compat.py: {offenders}"

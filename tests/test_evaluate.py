@@ -10,6 +10,8 @@ evaluation is its own MLflow run; the CLI prints the table.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,10 @@ from earthray.bundle import load_bundle, save_bundle
 from earthray.config import ConfigError, validate
 from earthray.data.manifest import load_manifest
 from earthray.data.pipeline import GroupReader, _fixed, decode
-from earthray.models.heads import fuse_sensors
-from earthray.recipes import create_recipe
-from earthray.sensors import get_sensor
-from earthray.train.evaluate import (
+from earthray.evaluate import (
     EvaluateSpec,
     FeatureExtractor,
+    class_iou,
     classification_scores,
     evaluate,
     extract_features,
@@ -37,6 +37,9 @@ from earthray.train.evaluate import (
     model_inputs,
     predict,
 )
+from earthray.models.heads import fuse_sensors
+from earthray.recipes import create_recipe
+from earthray.sensors import get_sensor
 from earthray.train.run import sensors_of
 
 GROUP = "landsat7_etm+label"
@@ -117,6 +120,9 @@ def test_scores_agree_with_numpy(features, spec):
     target = torch.tensor([0, 1, 1, 1])
     assert classification_scores(probs, target, 4) == pytest.approx(
         {"oa": 0.5, "miou": (1 / 2 + 1 / 3 + 0) / 3, "f1": (2 / 3 + 1 / 2 + 0) / 3})
+    # per class, as fine-tuning reports it (earthray.metrics): NaN for the class neither predicted nor present
+    iou = class_iou(probs, target, 4)
+    assert iou[:2] == pytest.approx([1 / 2, 1 / 3]) and math.isnan(iou[2]) and iou[3] == 0
 
 
 def test_multilabel_probes_beat_prevalence(features, spec):
@@ -210,6 +216,10 @@ def test_each_evaluation_is_a_new_mlflow_run_and_the_cli_prints_the_table(bundle
     assert run.data.tags["earthray.bundle.run_id"] == "abc123"
     assert run.data.params["data.group"] == GROUP and run.data.params["knn.k"] == "20"
     assert [a.path for a in client.list_artifacts(result.run_id)] == ["evaluation.json"]
+    logged = json.loads(Path(client.download_artifacts(result.run_id, "evaluation.json", str(tmp_path))).read_text())
+    assert set(logged["per_class"]) == {"linear/iou", "knn/iou", "majority/iou"} == set(result.per_class)
+    for key, ious in result.per_class.items():  # JSON has no NaN: a class with no IoU is null there
+        assert len(ious) == 7 and logged["per_class"][key] == [None if math.isnan(v) else v for v in ious]
 
     spec_file = tmp_path / "eval.yaml"
     spec_file.write_text(yaml.safe_dump({"workdir": spec.workdir, "data": {"root": spec.data.root, "group": GROUP},

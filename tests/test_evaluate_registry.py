@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from earthray.evaluate import evaluate, load_evaluate_spec
 from earthray.registry import register_bundle
-from earthray.train.evaluate import evaluate, load_evaluate_spec
-from earthray.train.tracking import open_run
+from earthray.tracking import open_run
 from serve_helpers import landsat_scene, make_bundle, scene_stats
 
 EARTHRAY = Path(sys.executable).parent / "earthray"

@@ -14,8 +14,8 @@ import torch
 
 from chips import real_chip_group, real_land_cover
 from earthray.recipes import create_recipe
-from earthray.recipes.finetune import TaskModel, TaskSpec
 from earthray.sensors import get_sensor
+from earthray.tasks import TaskModel, TaskSpec
 
 CLASSES = [f"class_{i}" for i in range(1, 8)]
 L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]

@@ -34,9 +34,9 @@ from earthray.config import ConfigError
 from earthray.io import Grid, open_scene, quicklook, write_raster
 from earthray.io.write import CLASS_COLOURS
 from earthray.recipes import create_recipe
-from earthray.recipes.finetune import TaskModel, TaskSpec
 from earthray.sensors import get_sensor
 from earthray.serve.infer import CHIP_ROWS
+from earthray.tasks import TaskModel, TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 L7 = ["B1", "B2", "B3", "B4", "B5", "B7"]
@@ -228,6 +228,7 @@ def test_resume_skips_finished_scenes_and_reports_a_corrupt_one(ray_session, bun
     assert (out / "l7_2000.tif").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.timeout(240)  # two `earthray infer` processes
 def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
     from earthray.serve.infer import infer, load_infer_spec
 

@@ -109,7 +109,7 @@ def test_writer_streams_windows_and_leaves_nothing_on_failure(tmp_path):
             w.write(Window(0, r, 300, h), np.full((h, 300), r // 100 + 1, np.uint8))
     with rasterio.open(tmp_path / "ok.tif") as ds:
         assert ds.read(1)[250, 0] == 3 and ds.block_shapes[0] == (256, 256)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="model crashed"):
         with RasterWriter(tmp_path / "failed.tif", grid, 1, "uint8") as w:
             raise RuntimeError("model crashed")
     assert list(tmp_path.iterdir()) == [tmp_path / "ok.tif"]

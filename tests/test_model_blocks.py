@@ -170,7 +170,7 @@ def test_ema_update_moves_the_teacher_by_exactly_m_t_plus_one_minus_m_s():
     ema_update_(teacher, student, 0.0)
     for name, s in student.named_parameters():
         assert torch.equal(teacher.get_buffer(name), s.detach())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\], got 1.5"):
         ema_update_(teacher, student, 1.5)
 
 
@@ -249,11 +249,68 @@ def test_dino_loss_matches_its_formula_and_centres_only_after_the_step():
     torch.testing.assert_close(loss.center, 0.1 * teacher[[0, 1, 3]].mean(dim=0))
 
 
-def test_dino_head_outputs_cosines_to_its_prototypes():
+def test_dino_centre_moves_to_a_collapsed_teacher_and_takes_the_collapse_out_of_the_target():
+    """A teacher that puts every sample on one prototype: each step moves the centre (1 - m) of the way to
+    its output, so the centred target goes from that prototype's one-hot (a student following the collapse
+    pays nothing) to uniform (it pays the full cross-entropy to uniform): centring stops collapse."""
+    m, steps = 0.9, 100
+    loss = DINOLoss(5, student_temp=0.1, teacher_temp=0.04, center_momentum=m)
+    collapsed = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    teacher = collapsed.repeat(8, 1)
+    follower = (10 * collapsed).repeat(8, 1)  # a student on the same prototype
+    assert loss(follower, teacher) < 1e-3
+    for step in range(1, steps + 1):
+        loss(follower, teacher)
+        loss.update_center()
+        torch.testing.assert_close(loss.center, (1 - m**step) * collapsed)
+    to_uniform = -torch.log_softmax(follower[0] / 0.1, dim=-1).mean()
+    torch.testing.assert_close(loss(follower, teacher), to_uniform, rtol=1e-3, atol=0)
+
+
+def test_dino_head_scores_are_cosines_of_a_normalised_bottleneck_to_weight_normalised_prototypes():
+    """DINO's head: the bottleneck feature is L2-normalised and the last layer is weight-normalised with its
+    gain fixed to 1, so each score is the cosine to one prototype: neither the bottleneck's scale nor any
+    prototype's length changes it, and a prototype along a sample's feature scores exactly 1 there."""
+    torch.manual_seed(0)
     head = DINOHead(8, out_dim=32, hidden_dim=16, bottleneck_dim=4)
-    out = head(torch.randn(3, 7, 8))
+    x = torch.randn(3, 7, 8)
+    out = head(x)
+    z = head.mlp(x).detach()
     assert out.shape == (3, 7, 32)
-    assert out.abs().max() <= 1.0 + 1e-5
+    torch.testing.assert_close(out, F.cosine_similarity(z[..., None, :], head.prototypes[None, None], dim=-1))
+    with torch.no_grad():
+        head.mlp[-1].weight.mul_(7.0)
+        head.mlp[-1].bias.mul_(7.0)  # the bottleneck feature, 7 times as long
+        head.prototypes.mul_(torch.rand(32, 1) * 10 + 0.1)  # every prototype a different length
+    torch.testing.assert_close(head(x), out)
+    with torch.no_grad():
+        head.prototypes[5] = 3.0 * z[1, 2]
+    out = head(x)
+    torch.testing.assert_close(out[1, 2, 5], torch.tensor(1.0))
+    assert out[1, 2].argmax() == 5 and out.abs().max() <= 1.0 + 1e-5
+
+
+def test_dino_student_head_learns_the_teachers_assignments_on_fixed_inputs():
+    """Self-distillation through the head: a student trained on fixed inputs toward a (different, frozen)
+    teacher's sharpened distribution closes most of its excess cross-entropy and picks the teacher's
+    prototype for almost every input."""
+    torch.manual_seed(0)
+    student = DINOHead(8, out_dim=16, hidden_dim=32, bottleneck_dim=8)
+    teacher = DINOHead(8, out_dim=16, hidden_dim=32, bottleneck_dim=8).requires_grad_(False)
+    loss = DINOLoss(16, student_temp=0.1, teacher_temp=0.04).eval()  # no centre: a fixed target
+    x = torch.randn(64, 8)
+    target = teacher(x)
+    floor = -(torch.softmax(target / 0.04, -1) * torch.log_softmax(target / 0.04, -1)).sum(-1).mean()  # its entropy
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    first = loss(student(x), target).item()
+    for _ in range(100):
+        opt.zero_grad()
+        loss(student(x), target).backward()
+        opt.step()
+    last = loss(student(x), target).item()
+    assert last - floor < 0.05 * (first - floor), (first, last, float(floor))
+    agree = (student(x).argmax(-1) == target.argmax(-1)).float().mean()
+    assert agree >= 0.9, agree
 
 
 def test_cluster_assignment_pools_each_object_from_its_own_cells():

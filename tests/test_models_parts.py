@@ -53,7 +53,7 @@ def test_simmim_mask_blocks_ratio_and_determinism():
     a = simmim_mask(2, (16, 16), 16, 4, 0.5, generator=torch.Generator().manual_seed(3))
     b = simmim_mask(2, (16, 16), 16, 4, 0.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"token grid \(10, 10\) is not divisible into 4x4-token mask blocks"):
         simmim_mask(1, (10, 10), 16, 4, 0.6)
 
 

@@ -117,6 +117,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.integration  # a subprocess starts a local Ray
 def test_a_process_with_a_stale_record_starts_its_own_ray_on_loopback(ray_tmp):
     """The CI failure this guards: a killed test cluster's record made every bare ray.init() try to join it.
     The local Ray started instead listens on 127.0.0.1 only: GCS, raylet, workers, dashboard, metrics."""

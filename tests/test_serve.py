@@ -14,8 +14,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 from earthray.bundle import load_bundle
 from earthray.io import Grid, write_raster
 from earthray.io.write import CLASS_COLOURS
-from earthray.recipes.finetune import TaskModel
+from earthray.tasks import TaskModel
 from serve_helpers import (
     CLASSES,
     L7,
@@ -55,22 +55,37 @@ SLOW_BODY_S = 2.0
 """body_timeout_s of the 'tight' app."""
 
 
-def start_serve(ray_session) -> int:
-    """Serve's HTTP proxy on a free loopback port, retried when another process takes the port first."""
+def serve_on_a_free_port(deploy, routes: dict[str, str], tries: int = 5) -> int:
+    """Serve's HTTP proxy on a loopback port the kernel picks (a bind to port 0), with ``deploy()``'s apps.
+
+    The port is free when picked but nobody holds it until the proxy binds it; when something takes it
+    first (the proxy then fails to bind, and whatever answers there is not it), Serve starts again on
+    another port. The proxy is taken to be up once ``/-/routes`` lists exactly ``routes``."""
     from ray import serve
 
-    from earthray.config import ConfigError
-    from earthray.serve.run import check_port_free
-
-    for attempt in range(5):
-        port = int(np.random.default_rng([os.getpid(), attempt]).integers(20000, 60000))
-        try:
-            check_port_free("127.0.0.1", port)
-        except ConfigError:
-            continue
+    for _ in range(tries):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return port
-    raise RuntimeError("no free port found in 5 tries")
+        deploy()
+        if _serves_routes(port, routes, timeout=90):
+            return port
+        serve.shutdown()
+    raise RuntimeError(f"Serve's proxy did not come up on a free port in {tries} tries")
+
+
+def _serves_routes(port: int, routes: dict[str, str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=5)
+            if r.status_code == 200 and r.json() == routes:
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    return False
 
 
 class Direct:
@@ -115,7 +130,7 @@ def bundles(tmp_path_factory, scene):
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory, bundles):
     from earthray.registry import register_bundle
-    from earthray.train.tracking import open_run
+    from earthray.tracking import open_run
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -132,18 +147,21 @@ def server(ray_session, bundles, registry_uri):
 
     from earthray.serve.app import build_app
 
-    port = start_serve(ray_session)
     models = {"landcover": "models:/landcover@champion", "scenes": str(bundles["classification"]),
               "elevation": str(bundles["regression"]), "fused": str(bundles["fused"]),
               "fragile": str(bundles["fragile"])}
-    serve.run(build_app({"models": models, "tracking_uri": registry_uri, "max_models_per_replica": 2,
-                         "max_batch_size": 4, "max_pixels": 200 * 200, "max_request_bytes": 2 * 2**20,
-                         "auth_token": TOKEN}), name="earthray", route_prefix="/")
-    serve.run(build_app({"models": {"landcover": str(bundles["segmentation"])}, "max_batch_size": 1,
-                         "max_ongoing_requests": 1, "max_queued_requests": 8, "retry_after_s": 3,
-                         "max_wait_s": TIGHT_WAIT_S, "max_pixels": 512 * 512, "body_timeout_s": SLOW_BODY_S,
-                         "max_uploads": 4, "max_requests": 8, "max_decoded_bytes": 8 * 2**20,
-                         "max_inflight_bytes": 40 * 2**20}), name="tight", route_prefix="/tight")
+
+    def deploy():
+        serve.run(build_app({"models": models, "tracking_uri": registry_uri, "max_models_per_replica": 2,
+                             "max_batch_size": 4, "max_pixels": 200 * 200, "max_request_bytes": 2 * 2**20,
+                             "auth_token": TOKEN}), name="earthray", route_prefix="/")
+        serve.run(build_app({"models": {"landcover": str(bundles["segmentation"])}, "max_batch_size": 1,
+                             "max_ongoing_requests": 1, "max_queued_requests": 8, "retry_after_s": 3,
+                             "max_wait_s": TIGHT_WAIT_S, "max_pixels": 512 * 512, "body_timeout_s": SLOW_BODY_S,
+                             "max_uploads": 4, "max_requests": 8, "max_decoded_bytes": 8 * 2**20,
+                             "max_inflight_bytes": 40 * 2**20}), name="tight", route_prefix="/tight")
+
+    port = serve_on_a_free_port(deploy, {"/": "earthray", "/tight": "tight"})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -381,7 +399,7 @@ def bad_requests(scene, tmp_path):
          {"content": b'{"array": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
           "headers": {"content-type": "application/json"}}, 400, "nested too deeply"),
         ("not an image", "landcover", {"content": b"GIF89a not really an image at all"}, 415, "not an image"),
-        ("broken GeoTIFF", "landcover", {"content": b"II*\x00" + os.urandom(400)}, 415, "not a readable GeoTIFF"),
+        ("broken GeoTIFF", "landcover", {"content": b"II*\x00" + np.random.default_rng(1).bytes(400)}, 415, "not a readable GeoTIFF"),
         ("unknown model", "nosuch", {"content": npy_bytes(ints)}, 404, "unknown model 'nosuch'"),
         ("too small", "landcover", {"content": npy_bytes(ints[:, :16, :16])}, 422, "at least 32x32"),
         ("classifier wants a chip", "scenes", {"content": npy_bytes(np.ones((6, 48, 48), np.uint8))}, 422,
@@ -424,7 +442,7 @@ def test_a_body_of_unknown_length_is_refused_at_once(server):
     sock = open_request(port, "/models/landcover/predict", {"Authorization": f"Bearer {TOKEN}",
                                                             "Transfer-Encoding": "chunked",
                                                             "Content-Type": "application/x-npy"})
-    chunk = os.urandom(2**20)
+    chunk = np.random.default_rng(2).bytes(2**20)
     sent = 0
     try:
         while sent < 600 * 2**20:

@@ -81,6 +81,7 @@ def refused(*args: str, timeout: float = 60) -> str:
     return " ".join(out.split())
 
 
+@pytest.mark.timeout(360)  # six `earthray serve` processes, each importing torch and timm before it refuses
 def test_bad_input_is_refused_before_anything_starts(bundle, tmp_path):
     good = config_file(tmp_path, bundle)
     assert "Invalid value for '--port': Input should be greater than or equal to 1" in refused(
@@ -142,6 +143,7 @@ def start_server(config: Path, ray_tmp: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("no free port in 5 tries")
 
 
+@pytest.mark.integration  # `earthray serve` starts a local Ray and Serve
 def test_earthray_serve_runs_a_config_file(bundle, scene, tmp_path):
     """A config file with a bearer token written in it (relative bundle path); Ctrl-C stops the server."""
     os.symlink(bundle, tmp_path / bundle.name)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from earthray import jobs
 from earthray.cli import app
 from earthray.config import ConfigError
-from earthray.train.tracking import RUN_TAG
+from earthray.tracking import RUN_TAG
 
 VENV_BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(16)
@@ -155,6 +155,7 @@ def job_count(url: str) -> int:
     return len(jobs.client(url, TOKEN).list_jobs())
 
 
+@pytest.mark.integration  # a `ray start --head` of its own
 def test_pretrain_job_runs_on_the_cluster_and_logs_to_mlflow(cluster, repo, sample_manifest, sample_spec, tmp_path):
     spec = write_spec(repo, "pretrain-api.yaml", sample_spec.output, tmp_path, "submit-api")
     job_id = jobs.submit(spec, cluster, token=TOKEN)
@@ -181,6 +182,7 @@ def test_pretrain_job_runs_on_the_cluster_and_logs_to_mlflow(cluster, repo, samp
     assert logs.exit_code == 0 and "done submit-api" in logs.stdout
 
 
+@pytest.mark.integration  # a `ray start --head` of its own
 def test_cli_follow_reports_a_failed_job(cluster, repo, sample_spec, tmp_path):
     """Extra arguments after -- reach the command; this one refuses them, so the job fails fast."""
     spec = write_spec(repo, "pretrain-args.yaml", sample_spec.output, tmp_path, "submit-args")
@@ -194,6 +196,7 @@ def test_cli_follow_reports_a_failed_job(cluster, repo, sample_spec, tmp_path):
     assert "exit code 2" in jobs.message(job_id, cluster, token=TOKEN)
 
 
+@pytest.mark.integration  # a `ray start --head` of its own
 def test_stop_ends_a_running_job(cluster, repo, sample_manifest, sample_spec, tmp_path):
     spec = write_spec(repo, "pretrain-long.yaml", sample_spec.output, tmp_path, "submit-long", max_steps=100000)
     result = runner.invoke(app, ["submit", str(spec), "--address", cluster, "--token", TOKEN])
@@ -209,6 +212,7 @@ def test_stop_ends_a_running_job(cluster, repo, sample_manifest, sample_spec, tm
     assert not jobs.stop(job_id, cluster, token=TOKEN)  # already ended
 
 
+@pytest.mark.integration  # a `ray start --head` of its own
 def test_bad_specs_are_refused_before_submission(cluster, repo, sample_spec, tmp_path):
     before = job_count(cluster)
     bad_yaml = repo / "jobs" / "pretrain-broken.yaml"
@@ -245,6 +249,7 @@ def test_bad_specs_are_refused_before_submission(cluster, repo, sample_spec, tmp
     assert job_count(cluster) == before
 
 
+@pytest.mark.integration  # a `ray start --head` of its own
 def test_unknown_jobs_bad_tokens_and_unreachable_clusters_are_clear_errors(cluster):
     with pytest.raises(jobs.JobError, match="no job 'raysubmit_nope'"):
         jobs.status("raysubmit_nope", cluster, token=TOKEN)

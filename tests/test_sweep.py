@@ -2,8 +2,9 @@
 
 One real 4-trial ASHA sweep (tiny OFA, 4 steps, a rung at step 2) runs on the local Ray: it is
 interrupted (SIGUSR1, Tune's Ctrl+C) once two trials have finished, then run again, which must
-finish only the rest. MLflow holds the sweep's run and one child run per trial. Bad field
-paths, values, distributions and objectives fail at load time with errors naming them.
+finish only the rest. MLflow holds the sweep's run (with its scores plot) and one child run per
+trial; no Train placement group outlives the sweep. Bad field paths, values, distributions and
+objectives fail at load time with errors naming them.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def test_overrides_index_paths_and_cli_error(folder, root):
 
 
 def test_concurrency_counts_train_workers_and_ray_data(folder, root):
-    from earthray.tune.sweep import max_concurrent_trials
+    from earthray.tune.resources import max_concurrent_trials
 
     sweep = load_sweep(_write(folder / "sweep.yaml", _sweep(root)))
     # trial 0.1 + probe 0.1 + one Train worker 0.5 + a Ray Data read task 1 + the feature actor 0.25 = 1.95
@@ -175,9 +176,13 @@ def _child_runs(uri: str, parent_id: str):
 
 @pytest.fixture(scope="module")
 def sweeps(root, ray_session, tmp_path_factory):
-    """The sweep interrupted after two finished trials, then run again to the end."""
+    """The sweep interrupted after two finished trials, then run again to the end (and the placement
+    groups there were before it)."""
+    from ray.util import placement_group_table
+
     from earthray.tune.sweep import run_sweep
 
+    groups = set(placement_group_table())
     folder = tmp_path_factory.mktemp("sweep")
     _write(folder / "base.yaml", _base(root))
     path = _write(folder / "sweep.yaml", _sweep(root))
@@ -193,13 +198,13 @@ def sweeps(root, ray_session, tmp_path_factory):
     results = {p.parent.name: p.stat().st_mtime_ns
                for p in (folder / "work").glob("trials/ofa-mask/*/trial_result.json")}
     second = run_sweep(load_sweep(path), verbose=0)
-    return folder, path, first, second, before, results
+    return folder, path, first, second, before, results, groups
 
 
 # The sweep (4 trials, an interruption, a resume) takes minutes on 2 busy cores: more than the default timeout.
 @pytest.mark.timeout(1800)
-def test_asha_sweep_completes_with_parent_and_child_runs(sweeps):
-    _, _, _, result, _, _ = sweeps
+def test_asha_sweep_completes_with_parent_and_child_runs(sweeps, tmp_path):
+    _, _, _, result, _, _, _ = sweeps
     assert not result.interrupted and len(result.rows) == 4
     assert {r.status for r in result.rows} <= {"done", "stopped"}
     done = [r for r in result.rows if r.status == "done"]
@@ -215,7 +220,8 @@ def test_asha_sweep_completes_with_parent_and_child_runs(sweeps):
     assert parent.data.metrics["best.knn.miou"] == pytest.approx(result.best.score)
     assert parent.data.tags["earthray.sweep.best_trial"] == result.best.trial_id
     assert float(parent.data.tags["earthray.sweep.best.optim.lr"]) == pytest.approx(result.best.config["optim.lr"])
-    assert "sweep_results.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert {"sweep_results.json", "sweep_scores.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    _assert_scores_plot(client, parent.info.run_id, result, tmp_path)
     assert sorted(children) == sorted(r.trial_id for r in result.rows)
     for row in result.rows:
         run = children[row.trial_id]
@@ -231,9 +237,23 @@ def test_asha_sweep_completes_with_parent_and_child_runs(sweeps):
         assert final == [pytest.approx(row.score)]
 
 
+def _assert_scores_plot(client, run_id: str, result, tmp: Path) -> None:
+    """The plot logged to the sweep's run is the one written beside its Tune results: a PNG, a panel per field."""
+    from PIL import Image
+
+    logged = Path(client.download_artifacts(run_id, "sweep_scores.png", str(tmp)))
+    assert result.plot == result.experiment_path / "sweep_scores.png"
+    assert logged.read_bytes() == result.plot.read_bytes()
+    assert logged.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(logged) as image:
+        image.verify()
+        width, height = image.size
+    assert width >= 2 * 400 and height >= 300  # one 4.2-inch panel per swept field, at 100 dpi
+
+
 @pytest.mark.timeout(1800)
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(sweeps):
-    folder, path, first, second, before, results = sweeps
+    folder, path, first, second, before, results, _ = sweeps
     assert first.interrupted
     finished = {r.trial_id: r for r in first.rows if r.status in ("done", "stopped")}
     interrupted = [r for r in first.rows if r.status == "interrupted"]
@@ -261,3 +281,55 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(sweeps):
     changed["space"]["model.mask_ratio"] = {"uniform": [0.1, 0.2]}
     with pytest.raises(ConfigError, match="was started with a different space"):
         run_sweep(load_sweep(_write(path, changed)), verbose=0)
+
+
+@pytest.mark.timeout(1800)
+def test_sweep_leaves_no_placement_group_behind(sweeps):
+    """The Train workers of trials ASHA stopped, or the interruption killed, hold no CPUs after the sweep."""
+    from ray.util import placement_group_table
+
+    groups = sweeps[-1]
+    deadline = time.monotonic() + 30  # Tune removes its trials' groups as it tears them down
+    while True:
+        left = {pg: (t["state"], t["bundles"]) for pg, t in placement_group_table().items()
+                if pg not in groups and t["state"] in ("PENDING", "CREATED", "RESCHEDULING")}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"placement groups the sweep left: {left}"
+
+
+@pytest.mark.timeout(600)
+def test_heldout_scores_read_series_as_the_job_trained(sweeps, root, monkeypatch):
+    """The held-out objective samples as many dates per series as the trial's job did (not the reader's default)."""
+    import ray.data
+
+    from earthray import tracking
+    from earthray.data import pipeline
+    from earthray.tune.scoring import score_encoder
+    from earthray.tune.spec import job_data
+
+    folder, path, _, result, _, _, _ = sweeps
+    done = next(r for r in result.rows if r.status == "done")
+    bundle = next((folder / "work" / "trials" / "ofa-mask" / done.trial_id / "bundles").iterdir())
+    job = job_data(load_sweep(path).base)
+    job["data"]["max_dates"] = 5
+    job["workdir"] = str(folder / "heldout")
+    run_id = tracking.open_run(result.tracking_uri, "heldout-check", "heldout-check", {}, folder / "mlartifacts")
+    plan = {"evaluation": None, "heldout": {"group": GROUP, "root": root}, "metric": "heldout/loss",
+            "tracking_uri": result.tracking_uri}
+    read, dates = pipeline.read_group, []
+
+    def spy(*args, **kwargs):
+        dates.append(kwargs.get("max_dates"))
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_group", spy)
+    context = ray.data.DataContext.get_current().execution_options
+    order = context.preserve_order
+    try:
+        scores = score_encoder(plan, job, [], run_id, step=0, bundle=str(bundle))
+    finally:
+        context.preserve_order = order  # heldout_losses sets it for this process
+    assert dates == [5]
+    assert scores["heldout/loss"] > 0 and any(k.startswith("heldout/recon/") for k in scores)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,11 +25,12 @@ from earthray.recipes import create_recipe
 from earthray.train.loop import WEIGHTS
 from earthray.train.run import pretrain, sensors_of
 from train_helpers import (
+    RecordRegisteredCheckpoints,
     check_resumed_once,
     checkpoints_by_step,
     metric_steps,
-    ray_worker_pids,
-    registered_checkpoint_steps,
+    own_train_worker_pids,
+    registered_steps,
     tiny_job_spec,
     tiny_spec,
 )
@@ -122,15 +125,17 @@ def test_same_name_resumes_and_extends(root, tmp_path):
 
 def test_sigkilled_worker_resumes_from_last_checkpoint(root, tmp_path):
     spec = tiny_spec(root, tmp_path, "killed", max_steps=40, checkpoint_every=5, max_failures=2)
+    registered = tmp_path / "registered-steps"
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(spec)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=pretrain(spec, callbacks=[RecordRegisteredCheckpoints(registered)])), daemon=True)
     thread.start()
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive():  # kill once a checkpoint is registered
-        if registered_checkpoint_steps(spec):
+        if registered_steps(registered):
             break
         time.sleep(0.1)
-    pids = ray_worker_pids()
+    pids = own_train_worker_pids()
     assert thread.is_alive() and pids, "the run ended before a worker could be killed"
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=600)
@@ -148,11 +153,17 @@ def test_unknown_group_and_fp16_on_cpu_are_spec_errors(root, tmp_path):
 
 
 def test_removed_node_of_a_multi_node_cluster_resumes(root, tmp_path):
-    """A separate process runs its own 3-node cluster (head + 2 worker nodes) so the session's Ray is untouched."""
+    """A separate process runs its own 3-node cluster (head + 2 worker nodes) so the session's Ray is untouched;
+    its Ray temp dir is its own too (short: Ray's unix sockets live under it), so the cluster's record of its
+    address goes with it."""
     here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": str(here), "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, str(here / "cluster_failover.py"), root, str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    ray_tmp = tempfile.mkdtemp(prefix="er-", dir="/tmp")
+    env = {**os.environ, "PYTHONPATH": str(here), "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, str(here / "cluster_failover.py"), root, str(tmp_path)],
+                              capture_output=True, text=True, timeout=840, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcome = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outcome["alive_when_removed"] and outcome["step"] == 40

@@ -1,16 +1,23 @@
 """Building blocks for the training tests: tiny specs and recipes' tiny jobs on the sample shards, checkpoints,
-MLflow look-ups."""
+MLflow look-ups, the checkpoints Ray Train has registered, the Train workers of this process's own Ray."""
 
 from __future__ import annotations
 
 import json
-import subprocess
+import os
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
+from ray import cloudpickle
+from ray.train import UserCallback
 
 from earthray.config import read_yaml
 from earthray.train.spec import PretrainSpec
+
+# The Train controller runs the callbacks below in a process of its own, where this folder is not on the path.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -83,12 +90,36 @@ def check_resumed_once(steps: list[int], resumed: list[int], max_steps: int, eve
     assert repeated == list(range(resumed[0] + 1, resumed[0] + 1 + len(repeated))), (resumed, repeated)
 
 
-def registered_checkpoint_steps(spec: PretrainSpec) -> list[int]:
-    """Steps of the checkpoints Ray Train's controller has registered (what a restart resumes from).
+class RecordRegisteredCheckpoints(UserCallback):
+    """Appends the step of each checkpoint Ray Train's controller has registered (what a restarted worker
+    group resumes from) to ``path``, one line each.
 
-    A checkpoint folder appears as soon as the workers upload it; the controller registers it a
-    moment later and persists its list in ``checkpoint_manager_snapshot.json``.
+    A checkpoint folder appears as soon as the workers upload it; the controller registers it a moment
+    later, and calls its callbacks' ``after_report`` only then. Pass it to ``pretrain(spec, callbacks=...)``;
+    it runs in the controller's process, so it reports through a file.
     """
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if checkpoint is not None:
+            with open(self.path, "a") as f:
+                f.write(f"{metrics[0]['step']}\n")
+
+
+def registered_steps(path: Path) -> list[int]:
+    """The steps ``RecordRegisteredCheckpoints`` has recorded in ``path`` so far."""
+    try:
+        return [int(line) for line in Path(path).read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def registered_checkpoint_steps(spec) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered, read from its internal
+    ``checkpoint_manager_snapshot.json``: only for runs a test cannot give a callback (the trials of a
+    sweep, in test_sweep.py); everywhere else use ``RecordRegisteredCheckpoints``."""
     path = Path(spec.storage_path) / spec.name / "checkpoint_manager_snapshot.json"
     try:
         snapshot = json.loads(path.read_text())
@@ -97,7 +128,14 @@ def registered_checkpoint_steps(spec: PretrainSpec) -> list[int]:
     return [r["metrics"]["step"] for r in snapshot.get("checkpoint_results", [])]
 
 
-def ray_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (their process title names the actor class)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+def own_train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers of the Ray this process started (its descendants: a local Ray's
+    raylet is this process's child, its workers the raylet's), never another process's Ray."""
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+                pids.append(proc.pid)
+        except psutil.Error:  # ended meanwhile
+            continue
+    return pids

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 import earthray
+from earthray.errors import EarthrayError
 from earthray.recipes import create_recipe, resolve_config
 from earthray.sensors import Sensor, get_sensor
 
@@ -55,7 +56,7 @@ HEAD_FILE = "head.safetensors"
 _REQUIRED = ("format_version", "recipe", "preset", "config", "sensors", "normalisation", "input_size", "weights")
 
 
-class BundleError(ValueError):
+class BundleError(EarthrayError, ValueError):
     """A bundle that cannot be loaded: missing or tampered files, bad metadata, unknown format."""
 
 

@@ -8,25 +8,36 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from earthray.config import ConfigError
-
-app = typer.Typer(help="Train, tune and serve multi-sensor Earth-observation foundation models on Ray.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-sensors_app = typer.Typer(help="The sensor catalogue.", invoke_without_command=True)
-app.add_typer(sensors_app, name="sensors")
-console = Console()
-err = Console(stderr=True)
+from earthray.errors import EarthrayError
 
 EXIT_CONFIG = 2
 EXIT_QUARANTINE = 3
+console = Console()
+err = Console(stderr=True)
 
+
+class _ErrorBoundary(typer.core.TyperGroup):
+    """The one place user errors become a line on stderr and exit code 2. A user error is an
+    ``EarthrayError`` or a missing file the user named; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (EarthrayError, FileNotFoundError) as e:
+            _fail(e)
+
+
+app = typer.Typer(help="Train, tune and serve multi-sensor Earth-observation foundation models on Ray.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_ErrorBoundary)
+sensors_app = typer.Typer(help="The sensor catalogue.", invoke_without_command=True)
+app.add_typer(sensors_app, name="sensors")
 SensorsOpt = typer.Option(None, "--sensors", help="extra sensor catalogue YAML (adds or overrides sensors)")
+VerboseOpt = typer.Option(False, "--verbose", help="also show Ray's own log lines (workers, Ray Train, Ray Data, "
+                          "Serve), as EARTHRAY_VERBOSE=1 does; by default they stay in Ray's log files")
 
 
 def _fail(problem: str | Exception, code: int = EXIT_CONFIG) -> None:
-    """Print one error line and exit; a KeyError's message without the quotes ``str()`` adds."""
-    if isinstance(problem, KeyError) and problem.args:
-        problem = problem.args[0]
+    """Print one error line and exit."""
     err.print(f"[bold red]error:[/] {problem}", highlight=False)
     raise typer.Exit(code)
 
@@ -34,10 +45,7 @@ def _fail(problem: str | Exception, code: int = EXIT_CONFIG) -> None:
 def _catalogue(extra: list[Path] | None):
     from earthray.sensors import load_catalogue
 
-    try:
-        return load_catalogue(*(extra or []))
-    except ConfigError as e:
-        _fail(str(e))
+    return load_catalogue(*(extra or []))
 
 
 @sensors_app.callback()
@@ -60,11 +68,7 @@ def sensors_show(name: str, sensors: list[Path] | None = SensorsOpt) -> None:
     """Show one sensor: every band with wavelength/polarisation, GSD and normalisation stats."""
     from rich.table import Table
 
-    cat = _catalogue(sensors)
-    try:
-        s = cat[name]
-    except KeyError as e:
-        _fail(str(e.args[0]))
+    s = _catalogue(sensors)[name]
     console.print(f"[bold]{s.name}[/]: {s.description}", highlight=False)
     console.print(f"kind {s.kind}, dtype {s.dtype}, nodata {s.nodata}, transform {s.transform.model_dump()}",
                   highlight=False)
@@ -82,31 +86,29 @@ def ingest(
     spec: Path = typer.Argument(..., help="ingest spec YAML"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
     overwrite: bool = typer.Option(False, help="replace shards an earlier, different spec wrote to the output"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Chip scenes into Parquet shards + manifest.json. Exit 3 if any scene was quarantined."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from earthray.data.ingest import ingest as run_ingest
     from earthray.data.manifest import summary_table
     from earthray.data.spec import load_spec
+    from earthray.runtime import set_verbose
+    from earthray.train.progress import Reporter
 
-    try:
-        ingest_spec = load_spec(spec)
-        if address:
-            ingest_spec.address = address
-        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                      TimeElapsedColumn(), console=err, transient=True) as progress:
-            bar = progress.add_task("starting", total=None)
+    set_verbose(verbose)
+    ingest_spec = load_spec(spec)
+    if address:
+        ingest_spec.address = address
+    with Reporter(err).task("ingest", "scenes") as bar:
 
-            def on_scene(result, done: int, total: int) -> None:
-                note = f"{result.chips} chips" if result.status == "done" else "[red]quarantined[/]"
-                progress.update(bar, completed=done, total=total, description=f"{Path(result.scene).name}: {note}")
+        def on_scene(result, done: int, total: int) -> None:
+            note = f"{result.chips} chips" if result.status == "done" else "quarantined"
+            bar.update(done, total, f"{Path(result.scene).name}: {note}")
 
-            manifest = run_ingest(ingest_spec, overwrite=overwrite, on_scene=on_scene)
-    except ConfigError as e:
-        _fail(str(e))
+        manifest = run_ingest(ingest_spec, overwrite=overwrite, on_scene=on_scene)
     console.print(summary_table(manifest))
-    console.print(f"shards and manifest: {Path(ingest_spec.output) / 'manifest.json'}", highlight=False)
+    console.print(f"shards and manifest: {Path(ingest_spec.output) / 'manifest.json'}", highlight=False,
+                  soft_wrap=True)
     if manifest["quarantine"]:
         for q in manifest["quarantine"]:
             err.print(f"[yellow]quarantined[/] {q['input']}: {q['reason']}", highlight=False)
@@ -117,54 +119,62 @@ def ingest(
 def pretrain(
     spec: Path = typer.Argument(..., help="pretraining spec YAML (jobs/pretrain-*.yaml)"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Pretrain a recipe on Ray Train; running the same spec again resumes it."""
+    from earthray.runtime import set_verbose
+    from earthray.train.progress import Reporter
     from earthray.train.run import pretrain as run_pretrain
     from earthray.train.spec import load_pretrain_spec
 
-    try:
-        pretrain_spec = load_pretrain_spec(spec)
-        if address:
-            pretrain_spec.address = address
-        with err.status(f"pretraining {pretrain_spec.name} ({pretrain_spec.recipe}/{pretrain_spec.preset}, "
-                        f"{pretrain_spec.max_steps} steps); worker progress follows"):
-            result = run_pretrain(pretrain_spec)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(e)
-    console.print(f"[bold green]done[/] {result.name}: step {result.metrics.get('step')}", highlight=False)
+    set_verbose(verbose)
+    pretrain_spec = load_pretrain_spec(spec)
+    if address:
+        pretrain_spec.address = address
+    shown = Reporter(err)
+    shown.line(f"pretraining {pretrain_spec.name} ({pretrain_spec.recipe}/{pretrain_spec.preset}, "
+               f"{pretrain_spec.max_steps} steps)")
+    with shown.training(pretrain_spec):
+        result = run_pretrain(pretrain_spec)
+    loss = result.metrics.get("loss")
+    console.print(f"[bold green]done[/] {result.name}: step {result.metrics.get('step')}"
+                  + (f", loss {loss:.4g}" if isinstance(loss, float) else ""), highlight=False)
     console.print(f"bundle: {result.bundle}\ncheckpoint: {result.checkpoint}\n"
                   f"MLflow run {result.run_id} in {result.tracking_uri} "
-                  f"(mlflow ui --backend-store-uri {result.tracking_uri})", highlight=False)
+                  f"(mlflow ui --backend-store-uri {result.tracking_uri})", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def finetune(
     spec: Path = typer.Argument(..., help="fine-tuning spec YAML (jobs/finetune-*.yaml)"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Fine-tune a task head on a pretrained bundle; evaluate on the held-out split; optionally register it."""
-    from earthray.bundle import BundleError
+    from earthray.runtime import set_verbose
     from earthray.train.finetune import finetune as run_finetune
+    from earthray.train.progress import Reporter
     from earthray.train.spec import load_finetune_spec
 
-    try:
-        ft = load_finetune_spec(spec)
-        if address:
-            ft.address = address
-        with err.status(f"fine-tuning {ft.name} ({ft.task.task}, encoder {ft.task.encoder}, {ft.max_steps} steps) "
-                        f"on {ft.bundle}; worker progress follows"):
-            result = run_finetune(ft)
-    except (ConfigError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(e)
+    set_verbose(verbose)
+    ft = load_finetune_spec(spec)
+    if address:
+        ft.address = address
+    shown = Reporter(err)
+    shown.line(f"fine-tuning {ft.name} ({ft.task.task}, encoder {ft.task.encoder}, {ft.max_steps} steps) "
+               f"on {ft.bundle}")
+    with shown.training(ft):
+        result = run_finetune(ft)
     val = {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}
     scores = " ".join(f"{k} {v:.4g}" for k, v in val.items() if not k.startswith("iou_"))
     console.print(f"[bold green]done[/] {result.name}: {scores}", highlight=False)
     if per_class := " ".join(f"{k[4:]} {v:.3g}" for k, v in val.items() if k.startswith("iou_")):
         console.print(f"IoU per class: {per_class}", highlight=False)
-    console.print(f"bundle: {result.bundle}\nMLflow run {result.run_id} in {result.tracking_uri}", highlight=False)
+    console.print(f"bundle: {result.bundle}\nMLflow run {result.run_id} in {result.tracking_uri}", highlight=False,
+                  soft_wrap=True)
     if result.registered:
         console.print(f"registered {result.registered.uri} (aliases {', '.join(ft.registry.aliases)})",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -172,22 +182,21 @@ def evaluate(
     bundle: str = typer.Argument(..., help="bundle directory (or a registry URI load_bundle accepts)"),
     spec: Path = typer.Argument(..., help="evaluation spec YAML (jobs/evaluate-*.yaml)"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Linear-probe and kNN scores of a bundle's frozen encoder on a labelled shard group (MLflow run)."""
     from rich.table import Table
 
-    from earthray.bundle import BundleError
-    from earthray.train.evaluate import evaluate as run_evaluate
-    from earthray.train.evaluate import load_evaluate_spec
+    from earthray.evaluate import evaluate as run_evaluate
+    from earthray.evaluate import load_evaluate_spec
+    from earthray.runtime import set_verbose
 
-    try:
-        eval_spec = load_evaluate_spec(spec)
-        if address:
-            eval_spec.address = address
-        with err.status(f"evaluating {bundle} on {eval_spec.data.group} ({', '.join(eval_spec.methods)})"):
-            result = run_evaluate(bundle, eval_spec)
-    except (ConfigError, BundleError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(e)
+    set_verbose(verbose)
+    eval_spec = load_evaluate_spec(spec)
+    if address:
+        eval_spec.address = address
+    with err.status(f"evaluating {bundle} on {eval_spec.data.group} ({', '.join(eval_spec.methods)})"):
+        result = run_evaluate(bundle, eval_spec)
     metrics = sorted({k.split("/", 1)[1] for k in result.scores}, key=["oa", "miou", "f1", "map"].index)
     table = Table(title=f"{bundle} on {eval_spec.data.group}: {result.n_train} train / {result.n_eval} eval samples")
     for col in ("method", *metrics):
@@ -201,28 +210,34 @@ def evaluate(
 @app.command()
 def quickstart(
     port: int = typer.Option(8000, help="HTTP port for the Serve app while it is queried"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Ingest, pretrain, fine-tune, register, serve, query and map a scene, on the bundled sample data."""
     import time
 
+    from rich.measure import Measurement
     from rich.table import Table
 
-    from earthray.jobs.quickstart import quickstart as run_quickstart
+    from earthray.quickstart import quickstart as run_quickstart
+    from earthray.runtime import set_verbose
+    from earthray.train.progress import Reporter
 
+    set_verbose(verbose)
     root = Path.cwd()
     if not (root / "jobs" / "ingest-sample.yaml").exists():
         _fail(f"{root}: run quickstart from the earthray repository (it uses jobs/, serve/ and data/sample/)")
     started = time.perf_counter()
-    try:
-        result = run_quickstart(root, port=port, step=lambda line: err.print(line, highlight=False))
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(e)
+    result = run_quickstart(root, port=port, shown=Reporter(err))
     table = Table(title=f"earthray quickstart: done in {time.perf_counter() - started:.0f} s")
     table.add_column("what")
     table.add_column("where", overflow="fold")
     for what, where in result.outputs.items():
         table.add_row(what, where)
-    console.print(table)
+    out = console
+    if not console.is_terminal:  # a file keeps each path on one line, to copy
+        width = Measurement.get(console, console.options.update_width(1000), table).maximum
+        out = Console(file=console.file, width=max(console.width, width))
+    out.print(table)
 
 
 @app.command()
@@ -257,15 +272,6 @@ TokenOpt = typer.Option(None, "--token", envvar="RAY_AUTH_TOKEN", show_envvar=Tr
                         help="the cluster's auth token (default: ~/.ray/auth_token)")
 
 
-def _jobs_call(fn, *args, **kwargs):
-    from earthray.jobs import JobError
-
-    try:
-        return fn(*args, **kwargs)
-    except (ConfigError, JobError) as e:
-        _fail(str(e))
-
-
 @app.command()
 def submit(
     spec: Path = typer.Argument(..., help="job spec YAML (jobs/pretrain-*.yaml, jobs/ingest-*.yaml, tune/*.yaml, ...)"),
@@ -287,12 +293,12 @@ def submit(
         if not sep or not key:
             _fail(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    job_id = _jobs_call(jobs.submit, spec, address, kind=kind, working_dir=working_dir, pip=pip, env=env_vars,
+    job_id = jobs.submit(spec, address, kind=kind, working_dir=working_dir, pip=pip, env=env_vars,
                         args=args or (), token=token)
     console.print(job_id, highlight=False, soft_wrap=True)
     if follow:
-        _jobs_call(jobs.logs, job_id, address, follow=True, token=token)
-        state = _jobs_call(jobs.wait, job_id, address, timeout=60, token=token)
+        jobs.logs(job_id, address, follow=True, token=token)
+        state = jobs.wait(job_id, address, timeout=60, token=token)
         err.print(f"job {job_id} {state}", highlight=False)
         if state != "SUCCEEDED":
             raise typer.Exit(1)
@@ -303,8 +309,8 @@ def status(job_id: str, address: str | None = AddressOpt, token: str | None = To
     """Print a submitted job's status (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED) and Ray's message."""
     from earthray import jobs
 
-    state = _jobs_call(jobs.status, job_id, address, token=token)
-    note = _jobs_call(jobs.message, job_id, address, token=token)
+    state = jobs.status(job_id, address, token=token)
+    note = jobs.message(job_id, address, token=token)
     console.print(f"{job_id} {state}" + (f": {note}" if note else ""), highlight=False, soft_wrap=True)
 
 
@@ -314,7 +320,7 @@ def logs(job_id: str, address: str | None = AddressOpt, follow: bool = typer.Opt
     """Print a submitted job's logs; --follow streams them until the job ends."""
     from earthray import jobs
 
-    text = _jobs_call(jobs.logs, job_id, address, follow=follow, token=token)
+    text = jobs.logs(job_id, address, follow=follow, token=token)
     if not follow:
         sys.stdout.write(text)
 
@@ -324,7 +330,7 @@ def stop(job_id: str, address: str | None = AddressOpt, token: str | None = Toke
     """Stop a submitted job."""
     from earthray import jobs
 
-    stopped = _jobs_call(jobs.stop, job_id, address, token=token)
+    stopped = jobs.stop(job_id, address, token=token)
     console.print(f"{job_id}: " + ("stop requested" if stopped else "already ended"), highlight=False)
 
 
@@ -335,52 +341,52 @@ def serve(
                                     help="HTTP port (default: the config's http_options.port, else 8000)"),
     host: str | None = typer.Option(None, help="HTTP host (default: the config's, else 127.0.0.1)"),
     address: str | None = typer.Option(None, help="Ray address ('local' starts a fresh local Ray; default: Ray's)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run a Serve config file's applications until Ctrl-C (local Ray by default); the config, every bundle
     and the port are checked before anything starts."""
+    from earthray.runtime import set_verbose
     from earthray.serve.run import run_config
 
-    try:
-        run_config(config, port=port, host=host, address=address,
-                   on_status=lambda m: console.print(m, highlight=False, soft_wrap=True))
-    except (ConfigError, TimeoutError) as e:
-        _fail(str(e))
+    set_verbose(verbose)
+    run_config(config, port=port, host=host, address=address,
+               on_status=lambda m: console.print(m, highlight=False, soft_wrap=True))
 
 
 @app.command()
 def infer(
     spec: Path = typer.Argument(..., help="batch-inference spec YAML (jobs/infer-*.yaml)"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Predict whole scenes window by window into stitched GeoTIFFs; finished scenes are skipped.
     Exit 3 if any scene failed."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
 
+    from earthray.runtime import set_verbose
     from earthray.serve.spec import load_infer_spec
+    from earthray.train.progress import Reporter
 
-    try:
-        infer_spec = load_infer_spec(spec)
-        from earthray.serve.infer import infer as run_infer
+    set_verbose(verbose)
+    infer_spec = load_infer_spec(spec)
+    from earthray.serve.infer import infer as run_infer
 
-        if address:
-            infer_spec.address = address
-        with Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), TextColumn("windows {task.description}"),
-                      TimeElapsedColumn(), console=err, transient=True) as progress:
-            bar = progress.add_task("", total=None)
+    if address:
+        infer_spec.address = address
+    shown = Reporter(err)
+    with shown.task("infer", "windows") as bar:
 
-            def on_scene(result) -> None:
-                note = {"done": "[green]done[/]", "skipped": "skipped (done before)"}.get(result.status,
-                                                                                       "[red]failed[/]")
-                progress.console.print(f"{result.scene}: {note} {result.reason or result.output or ''}",
-                                       highlight=False)
+        def on_scene(result) -> None:
+            note = {"done": "[green]done[/]", "skipped": "skipped (done before)"}.get(result.status,
+                                                                                   "[red]failed[/]")
+            shown.line(f"{escape(result.scene)}: {note} {escape(result.reason or result.output or '')}",
+                       markup=True)
 
-            result = run_infer(infer_spec, on_scene=on_scene,
-                               on_windows=lambda done, total: progress.update(bar, completed=done, total=total))
-    except (ConfigError, FileNotFoundError) as e:  # infer reports bundle problems as ConfigErrors
-        _fail(str(e))
+        result = run_infer(infer_spec, on_scene=on_scene, on_windows=lambda done, total: bar.update(done, total))
     counts = {s: sum(r.status == s for r in result.scenes) for s in ("done", "skipped", "failed")}
     console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "
-                  f"{result.windows} windows in {result.seconds:.1f}s -> {infer_spec.output}", highlight=False)
+                  f"{result.windows} windows in {result.seconds:.1f}s -> {infer_spec.output}", highlight=False,
+                  soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(EXIT_QUARANTINE)
 
@@ -389,18 +395,18 @@ def infer(
 def sweep(
     spec: Path = typer.Argument(..., help="sweep spec YAML (tune/*.yaml)"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: local Ray)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Sweep a pretraining job's fields with Ray Tune, scoring each trial's encoder; running it again resumes it."""
+    from earthray.runtime import set_verbose
     from earthray.tune import load_sweep
     from earthray.tune.sweep import run_sweep, summary_table
 
-    try:
-        plan = load_sweep(spec)
-        if address:
-            plan.spec.address = address
-        result = run_sweep(plan)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        _fail(e)
+    set_verbose(verbose)
+    plan = load_sweep(spec)
+    if address:
+        plan.spec.address = address
+    result = run_sweep(plan)
     console.print(summary_table(result))
     if result.best is not None:
         values = ", ".join(f"{k}={v}" for k, v in result.best.config.items())
@@ -408,6 +414,8 @@ def sweep(
                       f"({values})", highlight=False)
     console.print(f"MLflow run {result.parent_run_id} in {result.tracking_uri}; Tune results in "
                   f"{result.experiment_path}", highlight=False)
+    if result.plot is not None:
+        console.print(f"scores plot: {result.plot}", highlight=False)
     if result.interrupted:
         err.print("[yellow]interrupted[/]: run the same command again to resume the unfinished trials", highlight=False)
         raise typer.Exit(130)

@@ -12,7 +12,10 @@ import importlib
 import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from earthray.errors import EarthrayError
 
 # (module, attribute) of every internal used below.
 _INTERNALS = (
@@ -20,12 +23,15 @@ _INTERNALS = (
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
     ("ray.serve._private.api", "serve_start"),
     ("ray.serve.multiplex", "_ModelMultiplexWrapper"),
+    ("ray.train.v2._internal.execution.callback", "WorkerGroupCallback"),
+    ("ray.train.v2._internal.execution.worker_group", "WorkerGroupState"),
+    ("ray._private.state", "actors"),
 )
 _MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-class RayInternalMissing(RuntimeError):
+class RayInternalMissing(EarthrayError, RuntimeError):
     """A Ray internal earthray uses is gone (a Ray upgrade): earthray.compat needs updating."""
 
 
@@ -51,6 +57,9 @@ def missing_internals() -> list[str]:
 
     if _MULTIPLEX_ATTR not in inspect.getsource(serve.multiplexed):
         missing.append(f"the {_MULTIPLEX_ATTR} attribute of @serve.multiplexed functions")
+    state = "ray.train.v2._internal.execution.worker_group", "WorkerGroupState"
+    if ".".join(state) not in missing and "placement_group_handle" not in _internal(*state).__annotations__:
+        missing.append("the placement_group_handle of Ray Train's WorkerGroupState")
     return missing
 
 
@@ -89,3 +98,84 @@ def multiplexed_models(load: Callable) -> list[str]:
     multiplexer in a private attribute of the function, created on the first call)."""
     wrapper = getattr(load, _MULTIPLEX_ATTR, None)
     return list(wrapper.models) if wrapper is not None else []
+
+
+# ---------------------------------------------------------------------- Train workers' placement groups
+#
+# A Tune trial that runs a TorchTrainer and is stopped (by a scheduler, or an interruption) is killed
+# with its Train controller, and the Train workers' placement group outlives them: it belongs to the
+# job's driver. Ray Train's own cleaner (a detached actor per controller) asks the State API whether
+# the controller is alive, which fails where no dashboard serves it, and also in a Ray whose workers
+# cannot tell their own cluster from another Ray on the same machine ("Found multiple active Ray
+# instances"): its monitor thread dies and the group holds its CPUs until the driver exits. Ray has no
+# public hook on a worker group's start, nor a public lookup of an actor's state without the dashboard.
+
+
+def _worker_group_recorder_class() -> type:
+    base = _internal("ray.train.v2._internal.execution.callback", "WorkerGroupCallback")
+
+    class WorkerPlacementGroupRecorder(base):
+        """In the Train controller: writes the worker group's placement group and the controller's id."""
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_worker_group_start(self, worker_group) -> None:
+            import json
+
+            import ray
+
+            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            Path(self.path).write_text(json.dumps({"placement_group": pg.id.hex(),
+                                                   "controller": ray.get_runtime_context().get_actor_id()}))
+
+    # pickled by reference: the Train controller unpickles it through this module's __getattr__
+    WorkerPlacementGroupRecorder.__module__ = __name__
+    WorkerPlacementGroupRecorder.__qualname__ = "WorkerPlacementGroupRecorder"
+    return WorkerPlacementGroupRecorder
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerPlacementGroupRecorder``, built on first use (it subclasses a Ray Train internal, which
+    importing this module must not import)."""
+    if name == "WorkerPlacementGroupRecorder":
+        cls = globals()[name] = _worker_group_recorder_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def record_worker_placement_group(path: str | Path):
+    """A Ray Train run callback (``RunConfig(callbacks=...)``) that writes the placement group of the
+    run's workers and its controller's actor id to ``path`` once the workers have started (again at
+    each restart of the worker group); ``release_recorded_placement_group`` reads it."""
+    return __getattr__("WorkerPlacementGroupRecorder")(str(path))
+
+
+def release_recorded_placement_group(path: str | Path, wait_s: float = 0.0) -> bool:
+    """Remove the placement group recorded at ``path`` once the controller that recorded it is dead,
+    and the record with it.
+
+    Returns whether nothing is left to release (no record, or released); False while the controller
+    still runs (after ``wait_s`` seconds of waiting for it). The controller's state comes from the GCS
+    (``ray._private.state.actors``), which needs no dashboard."""
+    import json
+    import time
+
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    record = Path(path)
+    if not record.is_file():
+        return True
+    info = json.loads(record.read_text())
+    actors = _internal("ray._private.state", "actors")
+    deadline = time.monotonic() + wait_s
+    while (actors(info["controller"]) or {}).get("State", "DEAD") != "DEAD":
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(info["placement_group"])))
+    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+        remove_placement_group(pg)
+    record.unlink(missing_ok=True)
+    return True

@@ -13,11 +13,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from earthray.errors import ConfigError
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A spec or catalogue that cannot be used; the message says where and why."""
 
 
 class StrictModel(BaseModel):

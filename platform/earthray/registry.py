@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from earthray.errors import ConfigError
+
 SCHEME = "models:/"
 ARTIFACT_PATH = "bundle"
 
@@ -87,7 +89,7 @@ def resolve(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
             return name, str(client.get_model_version_by_alias(name, alias).version)
         name, _, version = rest.rpartition("/")
         if not name or not version:
-            raise ValueError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+            raise ConfigError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         return name, str(client.get_model_version(name, version).version)
     except MlflowException as e:
         raise LookupError(f"{uri}: not in the model registry at {client.tracking_uri}: {e.message}") from None

@@ -30,13 +30,11 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
 from earthray.data import schema
+from earthray.data.batch import IGNORE
 from earthray.data.stats import BandStats
 from earthray.io import RasterError, Scene, open_scene
 from earthray.io.grid import Grid
 from earthray.sensors import Sensor, ValueTransform
-
-IGNORE = -1
-"""Label value of an unlabelled pixel (nodata, or a code the spec does not map)."""
 
 
 class Quarantine(Exception):

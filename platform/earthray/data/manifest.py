@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from earthray.data import schema
-from earthray.data.chipper import IGNORE, ChipResult, ChipTask, label_column
+from earthray.data.batch import IGNORE
+from earthray.data.chipper import ChipResult, ChipTask, label_column
 from earthray.data.spec import IngestSpec
 from earthray.data.stats import BandStats
+from earthray.errors import DataError, NotFound
 from earthray.sensors import Catalogue, Sensor
 
 
@@ -33,7 +35,7 @@ def load_manifest(root: str | Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest; run `earthray ingest` first") from None
     if manifest.get("schema_version") != schema.SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema version {manifest.get('schema_version')}, "
+        raise DataError(f"{path}: schema version {manifest.get('schema_version')}, "
                          f"this earthray reads {schema.SCHEMA_VERSION}")
     return manifest
 
@@ -144,7 +146,7 @@ def label_layer(group: dict, name: str | None = None, where: str = "label") -> d
     if name is None:
         return next(iter(layers.values()), None)
     if name not in layers:
-        raise KeyError(f"{where}: no label layer {name!r}; layers: {', '.join(layers) or 'none'}")
+        raise NotFound(f"{where}: no label layer {name!r}; layers: {', '.join(layers) or 'none'}")
     return layers[name]
 
 

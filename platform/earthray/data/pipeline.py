@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from earthray.data.manifest import label_layer, load_manifest
-from earthray.sensors import ValueTransform
+from earthray.errors import DataError, NotFound
+from earthray.sensors import STD_FLOOR, ValueTransform
 
 
 @dataclass
@@ -27,6 +28,11 @@ class SensorNorm:
     transform: ValueTransform
     mean: np.ndarray
     std: np.ndarray
+
+    @classmethod
+    def of(cls, transform: ValueTransform, mean, std) -> SensorNorm:
+        """Per-band statistics as float32, the std floored at ``STD_FLOOR``."""
+        return cls(transform, np.asarray(mean, np.float32), np.maximum(np.asarray(std, np.float32), STD_FLOOR))
 
 
 @dataclass
@@ -52,7 +58,7 @@ class GroupReader:
         try:
             g = manifest["groups"][group]
         except KeyError:
-            raise KeyError(f"no group {group!r} in the manifest; groups: {', '.join(manifest['groups'])}") from None
+            raise NotFound(f"no group {group!r} in the manifest; groups: {', '.join(manifest['groups'])}") from None
         sensors, series = {}, {}
         for name in g["sensors"]:
             entry = manifest["sensors"][name]
@@ -63,11 +69,10 @@ class GroupReader:
             if normalisation is not None and name in normalisation:
                 given = normalisation[name]
                 if list(given["bands"]) != list(bands):
-                    raise ValueError(f"group {group!r}: sensor {name!r} has bands {bands}; the model expects "
+                    raise DataError(f"group {group!r}: sensor {name!r} has bands {bands}; the model expects "
                                      f"{list(given['bands'])}")
                 mean, std = given["mean"], given["std"]
-            sensors[name] = SensorNorm(ValueTransform(**entry["transform"]), np.array(mean, np.float32),
-                                       np.maximum(np.array(std, np.float32), 1e-6))
+            sensors[name] = SensorNorm.of(ValueTransform(**entry["transform"]), mean, std)
             series[name] = g["tensors"][name]["shape"][0] is None
         columns = ["sample_id", "lon", "lat", "split"]
         for name in g["sensors"]:
@@ -82,7 +87,7 @@ class GroupReader:
         """This reader restricted to ``sensors`` (those the group holds): the others are not read."""
         keep = [s for s in self.sensors if s in sensors]
         if not keep:
-            raise ValueError(f"group {self.group!r} holds none of the sensors {sensors} (it holds {list(self.sensors)})")
+            raise DataError(f"group {self.group!r} holds none of the sensors {sensors} (it holds {list(self.sensors)})")
         drop = [s for s in self.sensors if s not in keep]
         columns = [c for c in self.columns if c.split(".")[0] not in drop]
         return dataclasses.replace(self, sensors={s: self.sensors[s] for s in keep},
@@ -118,7 +123,7 @@ def decode(table: pa.Table, reader: GroupReader) -> dict[str, np.ndarray]:
         else:
             raw = _fixed(table[name], reader.tensors[name])
             valid = _fixed(table[f"{name}.valid"], reader.tensors[f"{name}.valid"]).astype(bool)
-            x = _normalise(raw, norm, valid, axis=1)
+            x = normalise(raw, norm, valid, axis=1)
         out[name], out[f"{name}.valid"], out[f"{name}.present"] = x, valid, present
     if reader.label:
         out["label"] = _fixed(table[reader.label], reader.tensors[reader.label]).astype(np.int64)
@@ -126,7 +131,7 @@ def decode(table: pa.Table, reader: GroupReader) -> dict[str, np.ndarray]:
     return out
 
 
-def _normalise(raw: np.ndarray, norm: SensorNorm, valid: np.ndarray, axis: int) -> np.ndarray:
+def normalise(raw: np.ndarray, norm: SensorNorm, valid: np.ndarray, axis: int) -> np.ndarray:
     """Physical values, standardised per band (``axis``); 0 wherever ``valid`` (the array without
     ``axis``) is False. Invalid pixels hold the sensor's nodata, which may be NaN or overflow: they
     are overwritten, not multiplied by 0 (NaN * 0 is NaN)."""
@@ -158,7 +163,7 @@ def _decode_series(table, name, reader, norm, ids):
         ok = np.frombuffer(vdata.field("data")[i].as_buffer(), np.uint8).reshape(shapes[i][0], h, w).astype(bool)
         pick = _pick_dates(len(series), k, ids[i], reader.seed)
         t = len(pick)
-        x[i, :t] = _normalise(series[pick], norm, ok[pick], axis=1)
+        x[i, :t] = normalise(series[pick], norm, ok[pick], axis=1)
         valid[i, :t] = ok[pick]
         doy[i, :t] = [dates[i][j].timetuple().tm_yday for j in pick]
         tmask[i, :t] = True
@@ -184,7 +189,7 @@ def read_group(root: str | Path, group: str, split: str | None = None, *, max_da
         reader.label = None
     files = [str(Path(root) / f) for f in manifest["groups"][group]["files"]]
     if not files:
-        raise ValueError(f"{root}: group {group!r} has no shards (every scene quarantined?)")
+        raise DataError(f"{root}: group {group!r} has no shards (every scene quarantined?)")
     ds = ray.data.read_parquet(files).select_columns(reader.columns)
     if split:
         ds = ds.filter(expr=col("split") == split)

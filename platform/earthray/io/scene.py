@@ -20,11 +20,12 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from earthray.errors import EarthrayError
 from earthray.io.dates import date_from_tags, parse_date
 from earthray.io.grid import Grid
 
 
-class RasterError(Exception):
+class RasterError(EarthrayError):
     """A raster that cannot be used as asked; the message names the file and the problem."""
 
 

@@ -51,14 +51,15 @@ class Kind:
 _TRAIN_OUT = {"workdir": "work", "tracking.tracking_uri": None}
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("ingest", outputs={"output": None},
-         inputs=("sensors_file", "inputs.*.sensors.*.path", "inputs.*.sensors.*.stack.*", "inputs.*.label.path"),
+         inputs=("sensors_file", "inputs.*.sensors.*.path", "inputs.*.sensors.*.stack.*", "inputs.*.label.path",
+                 "inputs.*.label.scene", "inputs.*.label.*.path", "inputs.*.label.*.scene"),
          load=_loader("earthray.data.spec", "load_spec")),
     Kind("pretrain", outputs=_TRAIN_OUT, inputs=("data.root",),
          load=_loader("earthray.train.spec", "load_pretrain_spec")),
     Kind("finetune", outputs=_TRAIN_OUT, inputs=("bundle", "data.root"),
          load=_loader("earthray.train.spec", "load_finetune_spec")),
     Kind("evaluate", outputs=_TRAIN_OUT, inputs=("data.root",),
-         load=_loader("earthray.train.evaluate", "load_evaluate_spec"), spec_last=True),
+         load=_loader("earthray.evaluate", "load_evaluate_spec"), spec_last=True),
     Kind("infer", outputs={"output": None, "tracking_uri": None}, inputs=("model", "scenes.*", "scenes.*.*"),
          load=_loader("earthray.serve.infer", "load_infer_spec")),
     # load_sweep reads the data's manifests, which may exist only on the cluster: paths checked here only

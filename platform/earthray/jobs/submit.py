@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from earthray.config import ConfigError
+from earthray.errors import EarthrayError
 from earthray.jobs.kinds import EXCLUDES, KINDS, check_spec, excluded
 from earthray.runtime import answers
 
@@ -29,7 +30,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT = 120.0
 
 
-class JobError(RuntimeError):
+class JobError(EarthrayError, RuntimeError):
     """The cluster cannot be reached, refuses the token, or does not know the job; one line, ready to show."""
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from timm.layers import build_sincos2d_pos_embed, calculate_drop_path_rates, trunc_normal_
-from timm.models._manipulate import named_apply
+from timm.models import named_apply
 from timm.models.swin_transformer import SwinTransformerStage
 from timm.models.swin_transformer_v2 import SwinTransformerV2Stage
 from timm.models.vision_transformer import Block, init_weights_vit_timm

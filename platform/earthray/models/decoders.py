@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
-from timm.models._manipulate import named_apply
+from timm.models import named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 

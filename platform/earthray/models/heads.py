@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earthray.errors import NotFound
+
 FUSED = ("fusion", "fusion_geo")
 """Keys of a recipe's own fused multi-modal feature (SkySense's temporal fusion), beside the per-sensor maps."""
 
@@ -101,5 +103,5 @@ def create_head(kind: str, in_dims: list[int], out_channels: int, **kwargs) -> n
     try:
         cls = HEADS[kind]
     except KeyError:
-        raise KeyError(f"unknown head {kind!r}; known: {', '.join(HEADS)}") from None
+        raise NotFound(f"unknown head {kind!r}; known: {', '.join(HEADS)}") from None
     return cls(in_dims, out_channels, **kwargs)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
-from timm.models._manipulate import named_apply
+from timm.models import named_apply
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 

@@ -13,6 +13,8 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
+from earthray.errors import NotFound
+
 
 class SensorPatchEmbed(PatchEmbed):
     """timm's ``PatchEmbed`` (strided conv + LayerNorm) for one sensor, any image size.
@@ -54,5 +56,5 @@ class MultiSensorPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor, sensor: str) -> torch.Tensor:
         if sensor not in self.embeds:
-            raise KeyError(f"no patch embedding for sensor {sensor!r}; have {', '.join(self.embeds)}")
+            raise NotFound(f"no patch embedding for sensor {sensor!r}; have {', '.join(self.embeds)}")
         return self.embeds[sensor](x)

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from earthray.errors import EarthrayError
+
 HEAD_PREFIX = "head."
 # Derived from the model's own geometry; older timm versions kept them in the state dict.
 _DERIVED = ("relative_position_index", "relative_coords_table", "attn_mask")
 
 
-class WeightsError(ValueError):
+class WeightsError(EarthrayError, ValueError):
     """A weights file that cannot initialise the module it is meant for."""
 
 

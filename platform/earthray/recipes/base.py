@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from earthray.errors import NotFound
 from earthray.sensors import Sensor, get_sensor
 
 Batch = Mapping[str, torch.Tensor]
@@ -130,13 +131,13 @@ def get_recipe_class(name: str) -> type[Recipe]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(list_recipes())}") from None
+        raise NotFound(f"unknown recipe {name!r}; known: {', '.join(list_recipes())}") from None
 
 
 def resolve_config(name: str, preset: str = "tiny", **overrides: Any) -> RecipeConfig:
     cls = get_recipe_class(name)
     if preset not in cls.presets:
-        raise KeyError(f"recipe {name!r} has no preset {preset!r}; presets: {', '.join(cls.presets)}")
+        raise NotFound(f"recipe {name!r} has no preset {preset!r}; presets: {', '.join(cls.presets)}")
     return cls.Config(**{**cls.presets[preset], **overrides})
 
 

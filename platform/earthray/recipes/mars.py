@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from earthray.data import batch as layout
+from earthray.errors import ConfigError
 from earthray.models.backbones import SwinEncoder
 from earthray.models.contrastive import cgcl_loss
 from earthray.models.decoders import SimMIMDecoder
@@ -83,7 +84,7 @@ class MaRSConfig(RecipeConfig):
 def _sensor_of_kind(sensors: Sequence[Sensor], kind: str) -> Sensor:
     found = [s for s in sensors if s.kind == kind]
     if len(found) != 1:
-        raise ValueError(f"mars needs exactly one {kind} sensor, got {[s.name for s in found]}")
+        raise ConfigError(f"mars needs exactly one {kind} sensor, got {[s.name for s in found]}")
     return found[0]
 
 
@@ -115,7 +116,7 @@ class MaRS(Recipe):
         self.sar = c.sar_sensor or _sensor_of_kind(sensors, "sar").name
         for role, name in (("optical", self.optical), ("sar", self.sar)):
             if name not in self.sensors:
-                raise ValueError(f"mars: {role}_sensor {name!r} is not among the sensors {list(self.sensors)}")
+                raise ConfigError(f"mars: {role}_sensor {name!r} is not among the sensors {list(self.sensors)}")
         self.modalities = (self.optical, self.sar)
         self.embed = nn.ModuleDict(
             {m: SensorPatchEmbed(len(self.sensors[m].bands), c.embed_dim, c.patch_size) for m in self.modalities}

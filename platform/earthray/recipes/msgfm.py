@@ -42,6 +42,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from torch import nn
 
 from earthray.data import batch as layout
+from earthray.errors import ConfigError, DataError, NotFound
 from earthray.models.backbones import SwinEncoder
 from earthray.models.decoders import SimMIMDecoder
 from earthray.models.masking import simmim_mask
@@ -152,7 +153,7 @@ class MsGFM(Recipe):
         )
         stride = self.encoder.out_strides[-1]
         if c.mask_patch % stride:
-            raise ValueError(f"mask_patch {c.mask_patch} must be a multiple of the encoder's final stride {stride}")
+            raise ConfigError(f"mask_patch {c.mask_patch} must be a multiple of the encoder's final stride {stride}")
         self.decoders = nn.ModuleDict(
             {name: SimMIMDecoder(self.encoder.out_dims[-1], ch, stride) for name, ch in channels.items()}
         )
@@ -175,7 +176,7 @@ class MsGFM(Recipe):
             return
         if c.teacher_weights is None:
             if not c.teacher_pretrained:
-                raise ValueError("msgfm: distill needs a teacher's weights: teacher_weights (a local timm "
+                raise ConfigError("msgfm: distill needs a teacher's weights: teacher_weights (a local timm "
                                  "safetensors file) or teacher_pretrained (a hub download)")
             return
         tensors = {k: v for k, v in read_weights(c.teacher_weights).items() if not k.startswith(HEAD_PREFIX)}
@@ -192,12 +193,12 @@ class MsGFM(Recipe):
     def _sensors_in(self, batch: Batch) -> list[str]:
         unknown = [k for k in batch if "." not in k and k != "lonlat" and k not in self.sensors]
         if unknown:
-            raise KeyError(f"batch has sensors {unknown} this recipe was not built for ({', '.join(self.sensors)})")
+            raise NotFound(f"batch has sensors {unknown} this recipe was not built for ({', '.join(self.sensors)})")
         names = [n for n in self.sensors if n in batch]
         size = (self.config.img_size,) * 2
         for n in names:
             if batch[n].ndim != 4 or tuple(batch[n].shape[-2:]) != size:
-                raise ValueError(f"{n}: msGFM takes (B, C, {size[0]}, {size[1]}) chips, got {tuple(batch[n].shape)}")
+                raise DataError(f"{n}: msGFM takes (B, C, {size[0]}, {size[1]}) chips, got {tuple(batch[n].shape)}")
         return names
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -219,7 +220,7 @@ class MsGFM(Recipe):
             if self.teacher is not None and self.rgb_bands[name] is not None:
                 distill.append(self._distill_loss(x[:, self.rgb_bands[name]], feats[c.distill_stage]))
         if not terms:
-            raise ValueError(f"batch holds no present rows of this recipe's sensors ({', '.join(self.sensors)})")
+            raise DataError(f"batch holds no present rows of this recipe's sensors ({', '.join(self.sensors)})")
         terms["moe_aux"] = torch.stack(aux).mean()
         total = torch.stack([v for k, v in terms.items() if k.startswith("recon/")]).mean()
         total = total + c.aux_weight * terms["moe_aux"]

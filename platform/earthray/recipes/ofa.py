@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from earthray.data import batch as layout
+from earthray.errors import ConfigError, DataError, NotFound
 from earthray.models.backbones import ViTEncoder
 from earthray.models.decoders import MAEDecoder, patchify, unpatchify
 from earthray.models.masking import random_masking
@@ -100,7 +101,7 @@ class OFA(Recipe):
         super().__init__(config, sensors)
         c = config
         if c.img_size % c.patch_size:
-            raise ValueError(f"img_size {c.img_size} is not divisible by patch_size {c.patch_size}")
+            raise ConfigError(f"img_size {c.img_size} is not divisible by patch_size {c.patch_size}")
         self.grid = (c.img_size // c.patch_size,) * 2
         num_tokens = self.grid[0] * self.grid[1]
         channels = {name: len(s.bands) for name, s in self.sensors.items()}
@@ -119,14 +120,14 @@ class OFA(Recipe):
         """(sensor, image at img_size, valid at img_size or None) for each recipe sensor in the batch."""
         unknown = [k for k in batch if "." not in k and k != "lonlat" and k not in self.sensors]
         if unknown:
-            raise KeyError(f"batch has sensors {unknown} this recipe was not built for ({', '.join(self.sensors)})")
+            raise NotFound(f"batch has sensors {unknown} this recipe was not built for ({', '.join(self.sensors)})")
         size = (self.config.img_size,) * 2
         for name in self.sensors:
             if name not in batch:
                 continue
             x = batch[name]
             if x.ndim != 4:
-                raise ValueError(f"{name}: OFA-Net takes single-date chips (B, C, H, W), got {tuple(x.shape)}")
+                raise DataError(f"{name}: OFA-Net takes single-date chips (B, C, H, W), got {tuple(x.shape)}")
             valid = layout.valid(batch, name)
             if only_present:
                 present = layout.present(batch, name)
@@ -147,7 +148,7 @@ class OFA(Recipe):
             pred = self.decoders[name](self.encoder(tokens, keep), restore)
             terms[f"recon/{name}"] = masked_patch_mse(pred, x, mask, c.patch_size, valid, c.norm_pix_loss)
         if not terms:
-            raise ValueError(f"batch holds none of this recipe's sensors ({', '.join(self.sensors)})")
+            raise DataError(f"batch holds none of this recipe's sensors ({', '.join(self.sensors)})")
         terms["loss"] = torch.stack(list(terms.values())).mean()
         return terms
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from earthray.data import batch as layout
+from earthray.errors import ConfigError
 from earthray.models.backbones import SwinEncoder, ViTEncoder
 from earthray.models.contrastive import DINOHead, DINOLoss, cluster_assignment, info_nce
 from earthray.models.ema import ema_update_, frozen_copy
@@ -116,13 +117,13 @@ def assign_roles(sensors: Sequence[Sensor], named: dict[str, str | None] | None 
     explicit: dict[str, str] = {}
     for role, name in (named or {}).items():
         if role not in ROLES:
-            raise ValueError(f"skysense has no role {role!r}; roles: {', '.join(ROLES)}")
+            raise ConfigError(f"skysense has no role {role!r}; roles: {', '.join(ROLES)}")
         if name is None:
             continue
         if name not in names:
-            raise ValueError(f"skysense: {role}_sensor {name!r} is not among the sensors {names}")
+            raise ConfigError(f"skysense: {role}_sensor {name!r} is not among the sensors {names}")
         if name in explicit:
-            raise ValueError(f"skysense: sensor {name!r} is named for two roles, {explicit[name]} and {role}")
+            raise ConfigError(f"skysense: sensor {name!r} is named for two roles, {explicit[name]} and {role}")
         explicit[name] = role
     roles: dict[str, str] = {}
     for s in sensors:
@@ -133,9 +134,9 @@ def assign_roles(sensors: Sequence[Sensor], named: dict[str, str | None] | None 
         elif s.kind == "optical":
             role = "hr" if s.gsd < 10 else "ms"
         else:
-            raise ValueError(f"skysense has no role for {s.kind} sensor {s.name!r}")
+            raise ConfigError(f"skysense has no role for {s.kind} sensor {s.name!r}")
         if role in roles:
-            raise ValueError(f"skysense takes one {role} sensor, got {roles[role]!r} and {s.name!r}")
+            raise ConfigError(f"skysense takes one {role} sensor, got {roles[role]!r} and {s.name!r}")
         roles[role] = s.name
     return roles
 

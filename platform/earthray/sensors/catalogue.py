@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from earthray.config import ConfigError, read_yaml, validate
+from earthray.errors import NotFound
 from earthray.sensors.sensor import Sensor
 
 BUILTIN = Path(__file__).with_name("builtin.yaml")
@@ -85,7 +86,7 @@ class Catalogue:
         for s in self._sensors.values():
             if name in s.aliases:
                 return s
-        raise KeyError(f"unknown sensor {name!r}; known: {', '.join(sorted(self._sensors))}")
+        raise NotFound(f"unknown sensor {name!r}; known: {', '.join(sorted(self._sensors))}")
 
     def __iter__(self):
         return iter(self._sensors.values())

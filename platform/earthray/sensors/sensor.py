@@ -8,8 +8,12 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from earthray.config import StrictModel
+from earthray.errors import ConfigError
 
 Kind = Literal["optical", "sar", "elevation"]
+
+STD_FLOOR = 1e-6
+"""The smallest std a band is normalised with: a band constant over a small sample has std 0."""
 
 
 class Band(StrictModel):
@@ -106,7 +110,7 @@ class Sensor(StrictModel):
         by_name = {b.name: b for b in self.bands}
         unknown = [b for b in bands if b not in by_name]
         if unknown:
-            raise ValueError(f"sensor {self.name!r} has no bands {unknown}; it has {self.band_names}")
+            raise ConfigError(f"sensor {self.name!r} has no bands {unknown}; it has {self.band_names}")
         return self.model_copy(update={"bands": [by_name[b] for b in bands]})
 
     @property

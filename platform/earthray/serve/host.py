@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from earthray import compat
+from earthray.errors import NotFound
 from earthray.serve.config import parse_args
 from earthray.serve.predictor import Predictor
 
@@ -30,7 +31,7 @@ class ModelServer:
         async def load(model_id: str) -> Predictor:
             name, _, source = model_id.partition("|")
             if name not in self.args.models:
-                raise KeyError(f"model {name!r} is not configured here")
+                raise NotFound(f"model {name!r} is not configured here")
             return await asyncio.to_thread(Predictor.load, name, source, self.args.tracking_uri,
                                            self.args.device, max_tiles=self.args.max_batch_size,
                                            overlap=self.args.overlap)

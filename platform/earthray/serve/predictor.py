@@ -3,7 +3,7 @@
 Shared by the online app (``earthray.serve.app``) and batch inference (``earthray.serve.infer``), so a
 pixel is checked, normalised and predicted the same way whichever path it takes, and the same way
 training fed the model: physical = ``sensor.transform.apply(raw)``, ``(physical - mean) / std`` with the
-bundle's statistics, 0 wherever a pixel is invalid (``earthray.data.pipeline._normalise``).
+bundle's statistics, 0 wherever a pixel is invalid (``earthray.data.pipeline.normalise``).
 
 Rules for input pixels (documented in ``serve/README.md``):
 
@@ -37,15 +37,18 @@ import numpy as np
 import torch
 
 from earthray.data.chipper import fits
-from earthray.data.pipeline import SensorNorm, _normalise
+from earthray.data.pipeline import SensorNorm, normalise
+from earthray.errors import ConfigError, EarthrayError
 from earthray.sensors import Sensor
+from earthray.tasks import TASKS
 
-DENSE = ("segmentation", "regression", "translation")
-SCENE = ("classification", "multilabel")
+SCENE = tuple(t for t, kind in TASKS.items() if not kind.dense)
+DENSE = tuple(t for t, kind in TASKS.items() if kind.dense and kind.dates == 1)
+"""The tasks served: one date per request (change detection needs two)."""
 NODATA_CLASS = 255
 
 
-class RequestError(ValueError):
+class RequestError(EarthrayError, ValueError):
     """An input the model cannot take; ``status`` is the HTTP status the app answers with, ``headers`` any
     headers the answer needs (``Retry-After``, ``Connection: close``)."""
 
@@ -82,11 +85,11 @@ class ModelInfo:
     def from_meta(cls, name: str, source: str, meta: dict[str, Any]) -> ModelInfo:
         head = meta.get("head_spec")
         if not head:
-            raise ValueError(f"model {name!r} ({source}): the bundle has no task head; only fine-tuned bundles "
+            raise ConfigError(f"model {name!r} ({source}): the bundle has no task head; only fine-tuned bundles "
                              "are served")
         task = head["task"]
         if task not in DENSE + SCENE:
-            raise ValueError(f"model {name!r} ({source}): task {task!r} is not served (change detection needs two "
+            raise ConfigError(f"model {name!r} ({source}): task {task!r} is not served (change detection needs two "
                              f"dates per request); served tasks: {', '.join(DENSE + SCENE)}")
         sensors = {s["name"]: Sensor.model_validate(s) for s in meta["sensors"]}
         inputs = head.get("inputs") or [n for n in sensors if n != head.get("target")]
@@ -113,7 +116,7 @@ class ModelInfo:
     @property
     def outputs(self) -> list[str]:
         """Names of the answer's channels: classes, or the target's bands."""
-        return list(self.target_bands or []) if self.task in ("regression", "translation") else list(self.classes)
+        return list(self.classes) if TASKS[self.task].classes else list(self.target_bands or [])
 
     def card(self) -> dict[str, Any]:
         return {
@@ -233,9 +236,7 @@ def prepare(info: ModelInfo, data: np.ndarray, valid: np.ndarray | None = None,
             raise RequestError(f"values of {s.name} do not fit its stored type {dtype} (range {lo:g}..{hi:g}); "
                                f"the model takes raw {dtype} values, e.g. digital numbers, not scaled ones")
         stats = info.stats[s.name]
-        norm = SensorNorm(s.transform, np.asarray(stats["mean"], np.float32),
-                          np.maximum(np.asarray(stats["std"], np.float32), 1e-6))
-        out[s.name] = _normalise(part, norm, ok, axis=0)
+        out[s.name] = normalise(part, SensorNorm.of(s.transform, stats["mean"], stats["std"]), ok, axis=0)
         out[f"{s.name}.valid"] = ok
     if require_valid and not pixel_valid(info, out).any():
         raise RequestError("the input has no valid pixel (every pixel is masked, nodata or NaN)")
@@ -311,7 +312,7 @@ class Predictor:
              **kwargs) -> Predictor:
         """``source``: a bundle folder or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
         from earthray.bundle import load_bundle
-        from earthray.recipes.finetune import TaskModel
+        from earthray.tasks import TaskModel
 
         bundle = load_bundle(source, tracking_uri=tracking_uri)
         info = ModelInfo.from_meta(name, str(source), bundle.meta)
@@ -333,7 +334,7 @@ class Predictor:
                 tensors[key] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
         emb = None
         if embed:  # TaskModel.predict, keeping the features it computes on the way
-            feats = self.model._encode(tensors)
+            feats = self.model.features(tensors)
             emb = feats[-1].float().mean(dim=(2, 3)).cpu().numpy()
             size = next(t for k, t in tensors.items() if "." not in k).shape[-2:]
             out = self.model.head(feats) if self.info.task in SCENE else self.model.head(feats, size)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from earthray.config import ConfigError
+from earthray.errors import NotReady
 from earthray.serve.config import TOKEN_ENV, AppArgs, earthray_apps, load_serve_config
 from earthray.serve.models import served_models
 
@@ -97,7 +98,7 @@ def run_config(path: str | Path, port: int | None = None, host: str | None = Non
             if len(states) == len(names) and all(str(a.status).endswith("RUNNING") for a in states.values()):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"applications not running after {timeout_s:.0f}s: "
+                raise NotReady(f"applications not running after {timeout_s:.0f}s: "
                                    f"{ {n: str(a.status) for n, a in states.items()} }")
             time.sleep(1)
         on_status(f"serving {', '.join(names)} on http://{http.host}:{http.port} "

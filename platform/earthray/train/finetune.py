@@ -13,14 +13,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from earthray import tracking
 from earthray.bundle import Bundle, load_bundle, local_bundle, save_bundle
 from earthray.config import ConfigError
 from earthray.data.manifest import label_layer, load_manifest
 from earthray.data.pipeline import read_group
-from earthray.recipes.finetune import TaskModel, TaskSpec
 from earthray.registry import RegisteredBundle, register_bundle
 from earthray.runtime import ensure_ray
-from earthray.train import tracking
+from earthray.sensors import STD_FLOOR
+from earthray.tasks import TASKS, TaskModel, TaskSpec
 from earthray.train.loop import WEIGHTS
 from earthray.train.run import PretrainResult, fit, sensors_of
 from earthray.train.spec import FinetuneSpec
@@ -45,14 +46,16 @@ def complete_task(task: TaskSpec, bundle: Bundle, manifest: dict, groups: list[s
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
     unlabelled = [g for g, lab in zip(groups, labels) if not lab]
-    classes = task.task in ("classification", "multilabel", "segmentation")
+    kind = TASKS[task.task]
     # change detection derives its labels when no group has any (change_threshold)
-    if unlabelled and (classes or (task.task == "change" and len(unlabelled) < len(groups))):
+    derived = task.task == "change" and len(unlabelled) == len(groups)
+    classes = kind.classes and task.task != "change"
+    if unlabelled and kind.classes and not derived:
         raise ConfigError(f"data.groups: task {task.task!r} needs labelled groups; {unlabelled} have no labels")
     if classes:
         update["classes"] = task.classes or labels[0]["classes"]
         update["ignore_index"] = labels[0].get("ignore_index", task.ignore_index)
-    if task.task in ("regression", "translation"):
+    if not kind.classes:
         if task.target not in held:
             raise ConfigError(f"task.target: {task.target!r} is not in groups {groups} (they hold {sorted(held)})")
         stats = target_stats(task.target, bundle, manifest, groups)
@@ -71,7 +74,7 @@ def target_stats(sensor: str, bundle: Bundle, manifest: dict, groups: list[str])
     bands = next(manifest["groups"][g]["bands"][sensor] for g in groups if sensor in manifest["groups"][g]["bands"])
     stats = {b["name"]: b["stats"] for b in manifest["sensors"][sensor]["bands"]}
     return {"bands": bands, "mean": [stats[b]["mean"] for b in bands],
-            "std": [max(stats[b]["std"], 1e-6) for b in bands]}
+            "std": [max(stats[b]["std"], STD_FLOOR) for b in bands]}
 
 
 def finetune(spec: FinetuneSpec, callbacks: list | None = None) -> FinetuneResult:

@@ -14,8 +14,6 @@ step, skipping the micro-batches the epoch had already used.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 import tempfile
 import time
 from functools import partial
@@ -28,6 +26,7 @@ from earthray.data.pipeline import interleave
 from earthray.recipes import create_recipe
 from earthray.sensors import Sensor
 from earthray.train.preview import save_previews
+from earthray.train.progress import WorkerProgress
 from earthray.train.spec import FinetuneSpec, PretrainSpec, TrainSpec
 from earthray.train.strategy import make_strategy
 
@@ -101,18 +100,6 @@ class EpochCache:
                                len(next(iter(batches[0].values()))))
 
 
-def _progress_logger() -> logging.Logger:
-    """Worker progress lines on stderr (Ray Train echoes a worker's stdout twice on the driver)."""
-    log = logging.getLogger("earthray.train")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[earthray] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
-
-
 def _sensors(config: dict) -> list[Sensor]:
     return [Sensor.model_validate(s) for s in config["sensors"]]
 
@@ -121,7 +108,7 @@ def build_model(config: dict) -> tuple[TrainSpec, torch.nn.Module]:
     """The job's spec and model: a recipe to pretrain, or a bundle's encoder with a task head."""
     if config.get("kind") == "finetune":
         from earthray.bundle import load_bundle
-        from earthray.recipes.finetune import TaskModel, TaskSpec
+        from earthray.tasks import TaskModel, TaskSpec
 
         spec = FinetuneSpec.model_validate(config["spec"])
         torch.manual_seed(spec.seed)
@@ -145,7 +132,7 @@ def evaluate_shards(strategy, shards: dict, batch_size: int, rank: int, world: i
         for i, batch in enumerate(cache(name, lambda shard=shard: shard.iter_torch_batches(batch_size=batch_size))):
             if i % world == rank:
                 with strategy.autocast():
-                    model.update_metrics(metrics, strategy._cast(batch))
+                    model.update_metrics(metrics, strategy.cast(batch))
     model.train()
     return {f"val_{k}": float(v) for k, v in metrics.compute().items()}
 
@@ -154,7 +141,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     from safetensors.torch import save_file
 
-    from earthray.train import tracking
+    from earthray import tracking
 
     spec, model = build_model(config)
     torch.set_num_threads(max(1, int(spec.workers.cpus_per_worker)))
@@ -162,7 +149,7 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sensors = _sensors(config)
     strategy = make_strategy(model, spec)
-    log = _progress_logger()
+    progress = WorkerProgress(spec, rank)  # log lines, and rank 0's events for the driver (earthray.train.progress)
 
     state = {"step": 0, "epoch": 0, "micro": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -171,7 +158,7 @@ def train_loop(config: dict) -> None:
             strategy.load(Path(d))
             state = json.loads((Path(d) / TRAINER_STATE).read_text())
         if rank == 0:
-            log.info("resumed %s at step %d", spec.name, state["step"])
+            progress.note(state["step"], f"resumed {spec.name} at step {state['step']}")
             tracking.log_metrics(config["tracking_uri"], config["run_id"], {"resumed_from_step": state["step"]},
                                  state["step"])
 
@@ -183,6 +170,7 @@ def train_loop(config: dict) -> None:
     meter, accum, micro_since_log = _Meter(), 0, 0
     latest: dict[str, float] = {}
     cache, eval_cache = EpochCache(spec.data.cache_mb), EpochCache(spec.data.cache_mb)
+    progress.start(step)
 
     def report(final: bool) -> None:
         weights = strategy.full_state_dict()  # collective under ZeRO-3: every rank takes part
@@ -232,14 +220,15 @@ def train_loop(config: dict) -> None:
             accum = 0
             step += 1
             strategy.on_step_end(step)
+            progress.tick(step)
             if rank == 0 and (step % spec.tracking.log_every == 0 or step == spec.max_steps):
                 metrics = meter.summary(world, micro_since_log) | {"lr": strategy.lr, "epoch": epoch}
                 if isinstance(spec, PretrainSpec):
                     metrics["held_bytes"] = strategy.held_bytes()
                 tracking.log_metrics(config["tracking_uri"], config["run_id"], metrics, step)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s"))
-                log.info("%s step %d/%d %s wait %.0f%%", spec.name, step, spec.max_steps, shown,
-                         100 * metrics["data_wait_fraction"])
+                progress.line(step, f"{spec.name} step {step}/{spec.max_steps} {shown} "
+                                    f"wait {100 * metrics['data_wait_fraction']:.0f}%", status=shown)
                 latest.update({k: v for k, v in metrics.items() if k in ("loss", "lr")})
                 meter.reset()
                 micro_since_log = 0
@@ -248,7 +237,8 @@ def train_loop(config: dict) -> None:
                 latest.update(scores)
                 if rank == 0:
                     tracking.log_metrics(config["tracking_uri"], config["run_id"], scores, step)
-                    log.info("%s step %d %s", spec.name, step, " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                    progress.note(step, f"{spec.name} step {step} "
+                                  + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             if spec.tracking.preview_every and step % spec.tracking.preview_every == 0 and hasattr(strategy.module,
                                                                                                    "reconstruct"):
                 recons = strategy.reconstruct(batch)

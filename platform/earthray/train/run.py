@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from earthray import tracking
 from earthray.config import ConfigError
 from earthray.data.manifest import load_manifest
 from earthray.data.pipeline import read_group
 from earthray.recipes import get_recipe_class, resolve_config
 from earthray.runtime import ensure_ray
-from earthray.sensors import Sensor, default_catalogue
-from earthray.train import tracking
+from earthray.sensors import STD_FLOOR, Sensor, default_catalogue
 from earthray.train.loop import WEIGHTS, train_loop
 from earthray.train.spec import PretrainSpec, TrainSpec
 
@@ -53,7 +53,7 @@ def sensors_of(manifest: dict, groups: list[str], only: list[str] | None = None)
                                                        for x in entry["bands"] if x["name"] in b]})
         stats = {x["name"]: x["stats"] for x in entry["bands"]}
         out.append(sensor.model_copy(update={"bands": [band.model_copy(update={
-            "mean": stats[band.name]["mean"], "std": max(stats[band.name]["std"], 1e-6)}) for band in sensor.bands]}))
+            "mean": stats[band.name]["mean"], "std": max(stats[band.name]["std"], STD_FLOOR)}) for band in sensor.bands]}))
     return out
 
 

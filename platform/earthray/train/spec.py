@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from earthray.config import StrictModel, load_yaml, resolve_path
-from earthray.recipes.finetune import TaskSpec
+from earthray.tasks import TaskSpec
 
 
 class DataSpec(StrictModel):

@@ -47,9 +47,10 @@ class Strategy:
     def reconstruct(self, batch: dict) -> dict:
         """The recipe's preview reconstructions; every rank must call it (ZeRO-3 gathers weights)."""
         with torch.no_grad(), self.autocast():
-            return self.module.reconstruct(self._cast(batch))
+            return self.module.reconstruct(self.cast(batch))
 
-    def _cast(self, batch: dict) -> dict:
+    def cast(self, batch: dict) -> dict:
+        """The batch in the engine's input dtype (DeepSpeed bf16/fp16 takes half-precision inputs)."""
         return batch
 
     def on_step_end(self, step: int) -> None:
@@ -177,14 +178,14 @@ class DeepSpeedStrategy(Strategy):
         self.module = self.engine.module
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
 
-    def _cast(self, batch: dict) -> dict:
+    def cast(self, batch: dict) -> dict:
         if self.dtype is None:
             return batch
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
     def forward(self, batch: dict) -> dict:
         with self.autocast():
-            return self.engine(self._cast(batch))
+            return self.engine(self.cast(batch))
 
     def _whole_weights(self) -> contextlib.AbstractContextManager:
         """ZeRO-3 partitions parameters (not buffers): gather them, read-only, for a recipe with

@@ -21,8 +21,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from earthray.config import ConfigError, StrictModel, format_validation_error, load_yaml, resolve_path, validate
 from earthray.data.manifest import load_manifest
+from earthray.evaluate import EvaluateSpec, load_evaluate_spec
 from earthray.recipes import get_recipe_class, resolve_config
-from earthray.train.evaluate import EvaluateSpec, load_evaluate_spec
 from earthray.train.run import sensors_of
 from earthray.train.spec import PretrainSpec, load_pretrain_spec
 

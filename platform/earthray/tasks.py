@@ -19,6 +19,7 @@ layer-wise learning-rate decay via ``layer_ids``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,12 +28,34 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from earthray.data import batch as layout
+from earthray.errors import ConfigError, DataError
+from earthray.metrics import class_metrics
 from earthray.models.heads import create_head, fuse_sensors
 from earthray.recipes.base import Batch, Recipe
 
 Task = Literal["classification", "multilabel", "segmentation", "change", "regression", "translation"]
-_HEAD = {"classification": "classification", "multilabel": "classification", "segmentation": "fpn",
-         "change": "change", "regression": "fpn", "translation": "fpn"}
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """What a task is, once: the head it gets, whether it answers per pixel or per scene, whether
+    its outputs are classes (scored with ``ignore_index`` skipped) or a target sensor's bands."""
+
+    head: str
+    dense: bool
+    classes: bool
+    dates: int = 1
+    """Dates per sample the model reads (change detection: two)."""
+
+
+TASKS: dict[str, TaskType] = {
+    "classification": TaskType("classification", dense=False, classes=True),
+    "multilabel": TaskType("classification", dense=False, classes=True),
+    "segmentation": TaskType("fpn", dense=True, classes=True),
+    "change": TaskType("change", dense=True, classes=True, dates=2),
+    "regression": TaskType("fpn", dense=True, classes=False),
+    "translation": TaskType("fpn", dense=True, classes=False),
+}
 _EMBED = ("patch_embed", "pos_embed", "cls_token", "mask_token", ".embed.", "embeds.")
 
 
@@ -50,7 +73,7 @@ class TaskSpec(BaseModel):
     data_range: float | None = Field(None, gt=0, description="translation PSNR/SSIM span (default: 8 std)")
     label_from: Literal["label", "majority", "presence"] = "label"
     presence_min: float = Field(0.05, gt=0, le=1, description="multilabel from a chip: class share to count")
-    ignore_index: int = -1
+    ignore_index: int = Field(layout.IGNORE, description="the label losses and metrics skip")
     change_threshold: float = Field(3.0, gt=0, description="derived change: mean |after - before|, physical units")
     head_channels: int = Field(64, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -60,7 +83,7 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
-        if self.task in ("regression", "translation") and not self.target:
+        if not TASKS[self.task].classes and not self.target:
             raise ValueError(f"task {self.task!r} needs a target sensor")
         return self
 
@@ -68,12 +91,12 @@ class TaskSpec(BaseModel):
     def outputs(self) -> int:
         if self.task == "change":
             return 2
-        if self.task in ("regression", "translation"):
+        if not TASKS[self.task].classes:
             if not self.target_bands:
-                raise ValueError("target_bands unknown: the target sensor's bands come from the data")
+                raise ConfigError("target_bands unknown: the target sensor's bands come from the data")
             return len(self.target_bands)
         if not self.classes:
-            raise ValueError(f"task {self.task!r} needs classes (from the spec or the data's labels)")
+            raise ConfigError(f"task {self.task!r} needs classes (from the spec or the data's labels)")
         return len(self.classes)
 
 
@@ -82,21 +105,21 @@ class TaskModel(nn.Module):
         super().__init__()
         unknown = [s for s in (spec.inputs or []) if s not in encoder.sensors]
         if unknown:
-            raise ValueError(f"inputs {unknown} are not sensors of the encoder ({', '.join(encoder.sensors)})")
+            raise ConfigError(f"inputs {unknown} are not sensors of the encoder ({', '.join(encoder.sensors)})")
         self.encoder, self.spec, self.input_size = encoder, spec, input_size
         self.inputs = spec.inputs or [s for s in encoder.sensors if s != spec.target]
         if not self.inputs:
-            raise ValueError(f"no input sensors: the encoder has only {list(encoder.sensors)} and the target is "
+            raise ConfigError(f"no input sensors: the encoder has only {list(encoder.sensors)} and the target is "
                              f"{spec.target!r}")
         used, dims = self._probe()
         self.in_dims = dims
-        self.head = create_head(_HEAD[spec.task], dims, spec.outputs, **self._head_kwargs())
+        self.head = create_head(TASKS[spec.task].head, dims, spec.outputs, **self._head_kwargs())
         self._layers = self._layer_ids()
         for name, p in self.encoder.named_parameters():
             p.requires_grad_(name in used and self._trains(name))
 
     def _head_kwargs(self) -> dict[str, Any]:
-        if _HEAD[self.spec.task] == "classification":
+        if TASKS[self.spec.task].head == "classification":
             return {"dropout": self.spec.dropout}
         return {"channels": self.spec.head_channels}
 
@@ -112,7 +135,7 @@ class TaskModel(nn.Module):
             stored = TaskSpec.model_validate({k: v for k, v in bundle.head_spec.items()
                                               if k not in ("in_dims", "input_size")})
         if spec is None and stored is None:
-            raise ValueError(f"{bundle.path}: the bundle has no head; give a task spec to fine-tune one")
+            raise ConfigError(f"{bundle.path}: the bundle has no head; give a task spec to fine-tune one")
         spec = spec or stored
         model = cls(bundle.model, spec, bundle.input_size)
         if bundle.head is not None and spec == stored:
@@ -134,7 +157,7 @@ class TaskModel(nn.Module):
         was = self.encoder.training
         self.encoder.eval()
         with torch.enable_grad():
-            feats = self._encode(self._dummy(), frozen=False)
+            feats = self.features(self._dummy(), frozen=False)
             sum(f.float().sum() for f in feats).backward()
         used = {n for n, p in self.encoder.named_parameters() if p.grad is not None}
         self.encoder.zero_grad(set_to_none=True)
@@ -179,14 +202,16 @@ class TaskModel(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
 
-    def _encode(self, batch: Batch, frozen: bool | None = None) -> list[torch.Tensor]:
+    def features(self, batch: Batch, frozen: bool | None = None) -> list[torch.Tensor]:
+        """The encoder's feature pyramid, fused over the input sensors and their dates: what the head
+        reads, and what serving returns as embeddings. ``frozen`` defaults to the spec's choice."""
         view = {k: v for k, v in batch.items() if k.split(".")[0] in self.inputs or k == "lonlat"}
         frozen = self.spec.encoder == "frozen" if frozen is None else frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             enc = self.encoder.encode(view)
         feats = {s: [_date_mean(f, layout.tmask(batch, s)) for f in enc[s]] for s in self.inputs if s in enc}
         if not feats:
-            raise ValueError(f"the batch has none of the input sensors {self.inputs}")
+            raise DataError(f"the batch has none of the input sensors {self.inputs}")
         present = {s: layout.present(batch, s) for s in feats}
         return fuse_sensors(feats, present)
 
@@ -195,8 +220,8 @@ class TaskModel(nn.Module):
         if self.spec.task == "change":
             before, after = _two_dates(batch, self.inputs)
             size = before[self.inputs[0]].shape[-2:]
-            return self.head(self._encode(before), self._encode(after), size)
-        feats = self._encode(batch)
+            return self.head(self.features(before), self.features(after), size)
+        feats = self.features(batch)
         if self.spec.task in ("classification", "multilabel"):
             return self.head(feats)
         size = next(batch[s] for s in self.inputs if s in batch).shape[-2:]
@@ -254,16 +279,11 @@ class TaskModel(nn.Module):
 
         task, s = self.spec.task, self.spec
         if task in ("classification", "segmentation", "change"):
-            k = s.outputs
-            m = {"oa": C.MulticlassAccuracy(k, average="micro", ignore_index=s.ignore_index),
-                 "f1": C.MulticlassF1Score(k, average="macro", ignore_index=s.ignore_index)}
-            if task != "classification":
-                m["miou"] = C.MulticlassJaccardIndex(k, average="macro", ignore_index=s.ignore_index)
+            # the definitions evaluation shares: per-class IoU is NaN for a class neither labelled nor predicted
+            m = class_metrics(s.outputs, ignore_index=s.ignore_index, iou=task != "classification")
+            if "iou" in m:
                 labels = s.classes if task == "segmentation" else ["unchanged", "changed"]
-                # NaN, not 0, for a class neither labelled nor predicted: the macro mIoU leaves it out too
-                per_class = C.MulticlassJaccardIndex(k, average="none", ignore_index=s.ignore_index,
-                                                     zero_division=float("nan"))
-                m["iou"] = ClasswiseWrapper(per_class, labels=[str(c) for c in labels], prefix="iou_")
+                m["iou"] = ClasswiseWrapper(m["iou"], labels=[str(c) for c in labels], prefix="iou_")
         elif task == "multilabel":
             k = s.outputs
             m = {"map": C.MultilabelAveragePrecision(k, average="macro"),
@@ -320,7 +340,7 @@ def _two_dates(batch: Batch, sensors: list[str]) -> tuple[dict, dict]:
     for s in sensors:
         x = batch[s]
         if x.dim() != 5:
-            raise ValueError(f"change detection needs a time series for {s!r}, got shape {tuple(x.shape)}")
+            raise DataError(f"change detection needs a time series for {s!r}, got shape {tuple(x.shape)}")
         tmask = layout.tmask(batch, s)
         idx = torch.arange(len(x), device=x.device)
         last = (tmask.long().cumsum(1).argmax(1))

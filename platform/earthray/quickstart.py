@@ -6,14 +6,19 @@ ingest -> pretrain (OFA-Net tiny) -> fine-tune the land-cover head (registered a
 whole scene -> a summary of where everything is. Each step is the same code path as its own
 command; re-running is safe (ingest and inference skip finished work, pretraining and
 fine-tuning resume finished runs).
+
+What it prints is earthray's own: a line as each stage starts and ends, progress bars (scenes, training
+steps, windows; bounded plain lines off a terminal). Ray's own log lines stay in Ray's log files (the
+first line says where) unless ``EARTHRAY_VERBOSE=1`` (``earthray quickstart --verbose``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from earthray.train.progress import Reporter
 
 LANDSAT7 = ["B1", "B2", "B3", "B4", "B5", "B7"]
 MODEL = "landcover"
@@ -50,15 +55,16 @@ def sample_request(root: Path, size: int = 64) -> bytes:
         return mem.read()
 
 
-def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] = print) -> QuickstartResult:
-    """Run every stage on the repo at ``root``; ``step`` receives one line per stage as it starts and ends."""
+def quickstart(root: str | Path, port: int = 8000, shown: Reporter | None = None) -> QuickstartResult:
+    """Run every stage on the repo at ``root``; ``shown`` (default: stderr) gets a line as each stage starts and
+    ends, and the stages' progress."""
     import httpx
     from ray import serve
 
     from earthray.data.ingest import ingest
     from earthray.data.spec import load_spec
     from earthray.io import quicklook
-    from earthray.runtime import ensure_ray
+    from earthray.runtime import ensure_ray, ray_logs, verbose
     from earthray.serve.app import run_config
     from earthray.serve.infer import infer, load_infer_spec
     from earthray.train.finetune import finetune
@@ -68,8 +74,11 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
     root = Path(root).resolve()
     jobs = root / "jobs"
     out = QuickstartResult()
+    shown = shown or Reporter()
+    step = shown.line
     if dashboard := ensure_ray():
-        step(f"Ray dashboard: {dashboard}")
+        logs = "" if verbose() or not ray_logs() else f"; Ray's logs: {ray_logs()} (--verbose shows them here)"
+        step(f"Ray dashboard: {dashboard}{logs}")
 
     def stage(name: str, fn):
         step(f"[{len(out.seconds) + 1}/5] {name} ...")
@@ -79,13 +88,23 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
         step(f"[{len(out.seconds)}/5] {name}: done in {out.seconds[name]:.0f} s")
         return value
 
-    manifest = stage("ingest the sample imagery", lambda: ingest(load_spec(jobs / "ingest-sample.yaml")))
+    def ingest_sample():
+        with shown.task("ingest", "scenes") as bar:
+            return ingest(load_spec(jobs / "ingest-sample.yaml"),
+                          on_scene=lambda r, done, total: bar.update(done, total, Path(r.scene).name))
+
+    def train(run, spec):
+        with shown.training(spec):
+            return run(spec)
+
+    manifest = stage("ingest the sample imagery", ingest_sample)
     groups = manifest["groups"]
     step(f"      {sum(g['count'] for g in groups.values())} chips in {len(groups)} groups; "
          f"quarantined: {len(manifest['quarantine'])}")
-    pre = stage("pretrain OFA-Net tiny", lambda: pretrain(load_pretrain_spec(jobs / "pretrain-ofa-tiny.yaml")))
+    pre = stage("pretrain OFA-Net tiny", lambda: train(pretrain, load_pretrain_spec(jobs / "pretrain-ofa-tiny.yaml")))
     step(f"      loss {pre.metrics.get('loss', float('nan')):.4f}; bundle {pre.bundle}")
-    ft = stage("fine-tune the land-cover head", lambda: finetune(load_finetune_spec(jobs / "finetune-landcover.yaml")))
+    ft = stage("fine-tune the land-cover head",
+               lambda: train(finetune, load_finetune_spec(jobs / "finetune-landcover.yaml")))
     scores = {k: round(v, 4) for k, v in ft.metrics.items() if k.startswith("val_") and not k.startswith("val_iou_")}
     step(f"      held-out {scores}; registered {ft.registered.uri if ft.registered else '-'} (@champion)")
 
@@ -93,7 +112,7 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
 
     def serve_and_query():
         run_config(root / "serve" / "landcover.yaml", port=port, host="127.0.0.1", block=False,
-                   on_status=lambda s: step(f"      {s}"))
+                   on_status=lambda s: step(f"      {s.removesuffix('; Ctrl-C stops')}"))  # it is queried, then stops
         try:
             with httpx.Client(base_url=base, timeout=120) as http:
                 out.answers["models"] = http.get("/models").json()
@@ -118,7 +137,12 @@ def quickstart(root: str | Path, port: int = 8000, step: Callable[[str], None] =
     step(f"      POST {base}/models/{MODEL}/predict -> {_summary(predicted)}")
 
     infer_spec = load_infer_spec(jobs / "infer-landcover.yaml")
-    result = stage("batch inference over a whole scene", lambda: infer(infer_spec))
+
+    def infer_scene():
+        with shown.task("infer", "windows") as bar:
+            return infer(infer_spec, on_windows=lambda done, total: bar.update(done, total))
+
+    result = stage("batch inference over a whole scene", infer_scene)
     for scene in result.scenes:
         step(f"      {scene.scene}: {scene.status} -> {scene.output or scene.reason}")
         if scene.output:

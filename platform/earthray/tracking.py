@@ -74,5 +74,11 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | N
         client.log_artifact(run_id, str(path), artifact_path)
 
 
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def close_run(uri: str, run_id: str, ok: bool) -> None:
     _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
