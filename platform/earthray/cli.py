@@ -115,6 +115,21 @@ def ingest(
         raise typer.Exit(EXIT_QUARANTINE)
 
 
+def _train(load, run, spec: Path, address: str | None, verbose: bool, describe):
+    """Load a training spec, point it at ``address``, and run it with the workers' progress shown."""
+    from earthray.runtime import set_verbose
+    from earthray.train.progress import Reporter
+
+    set_verbose(verbose)
+    job = load(spec)
+    if address:
+        job.address = address
+    shown = Reporter(err)
+    shown.line(describe(job))
+    with shown.training(job):
+        return job, run(job)
+
+
 @app.command()
 def pretrain(
     spec: Path = typer.Argument(..., help="pretraining spec YAML (jobs/pretrain-*.yaml)"),
@@ -122,20 +137,11 @@ def pretrain(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Pretrain a recipe on Ray Train; running the same spec again resumes it."""
-    from earthray.runtime import set_verbose
-    from earthray.train.progress import Reporter
     from earthray.train.run import pretrain as run_pretrain
     from earthray.train.spec import load_pretrain_spec
 
-    set_verbose(verbose)
-    pretrain_spec = load_pretrain_spec(spec)
-    if address:
-        pretrain_spec.address = address
-    shown = Reporter(err)
-    shown.line(f"pretraining {pretrain_spec.name} ({pretrain_spec.recipe}/{pretrain_spec.preset}, "
-               f"{pretrain_spec.max_steps} steps)")
-    with shown.training(pretrain_spec):
-        result = run_pretrain(pretrain_spec)
+    _, result = _train(load_pretrain_spec, run_pretrain, spec, address, verbose,
+                       lambda j: f"pretraining {j.name} ({j.recipe}/{j.preset}, {j.max_steps} steps)")
     loss = result.metrics.get("loss")
     console.print(f"[bold green]done[/] {result.name}: step {result.metrics.get('step')}"
                   + (f", loss {loss:.4g}" if isinstance(loss, float) else ""), highlight=False)
@@ -151,20 +157,12 @@ def finetune(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Fine-tune a task head on a pretrained bundle; evaluate on the held-out split; optionally register it."""
-    from earthray.runtime import set_verbose
     from earthray.train.finetune import finetune as run_finetune
-    from earthray.train.progress import Reporter
     from earthray.train.spec import load_finetune_spec
 
-    set_verbose(verbose)
-    ft = load_finetune_spec(spec)
-    if address:
-        ft.address = address
-    shown = Reporter(err)
-    shown.line(f"fine-tuning {ft.name} ({ft.task.task}, encoder {ft.task.encoder}, {ft.max_steps} steps) "
-               f"on {ft.bundle}")
-    with shown.training(ft):
-        result = run_finetune(ft)
+    ft, result = _train(load_finetune_spec, run_finetune, spec, address, verbose,
+                        lambda j: f"fine-tuning {j.name} ({j.task.task}, encoder {j.task.encoder}, "
+                                  f"{j.max_steps} steps) on {j.bundle}")
     val = {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}
     scores = " ".join(f"{k} {v:.4g}" for k, v in val.items() if not k.startswith("iou_"))
     console.print(f"[bold green]done[/] {result.name}: {scores}", highlight=False)
