@@ -20,7 +20,7 @@ score, the paired gain with its spread and t (mean / (sd / sqrt(n))), the paper'
 the direction agrees. MLflow gets one parent run per ablation (experiment ``earthray-reproduce``) and a
 child run per arm and seed with every probe score.
 
-    python benchmarks/reproduce.py [--quick] [--seeds 5] [--steps 300] [--ablations msgfm,ofa,skysense,mars]
+    python benchmarks/reproduce.py [--quick] [--seeds 5] [--steps 300] [--ablations msgfm,ofa,skysense,mars,ofa_p4]
 
 ``--quick`` is 2 seeds and 150 steps: a first look (about an hour on 2 cores). The full run (5 seeds,
 300 steps) takes a few hours on 2 cores. See ``benchmarks/README.md`` for paper scale on a GPU cluster.
@@ -103,6 +103,16 @@ def ablations() -> dict[str, Ablation]:
                                                                                       ("land cover", "land_cover"))]
     missing = [Probe(f"{p.name}, {m} only", p.group, p.label, (m,)) for m in ("s2_l2a", "s1_grd_db")
                for p in (crop, cover)]
+    ofa_multi = {"data.groups": {PAIRS: 8, "s2_l2a+s1_grd_db+dem": 8, "s2_l1c": 4, "landsat8_oli_tirs": 8,
+                                 "vhr_rgbn": 8}}
+    ofa_s2 = {"data.groups": {PAIRS: 8, "s2_l2a+s1_grd_db+dem": 8}, "data.sensors": ["s2_l2a"]}
+    ofa_comparisons = [
+        Comparison("multi-sensor", "S2 only", "m-bigearthnet top-1 57.13 vs 55.41; m-SA-crop-type mIoU 31.98 vs "
+                                              "30.67", +1.72),
+        Comparison("S2 only", "random init", "m-bigearthnet 55.41 vs 52.89; m-SA-crop-type 30.67 vs 29.11", +2.52),
+        Comparison("multi-sensor", "random init", "m-bigearthnet 57.13 vs 52.89; m-SA-crop-type 31.98 vs 29.11",
+                   +4.24)]
+    ofa_probes = [crop_s2, cover_s2, ben_s2]
     return {
         "msgfm": Ablation(
             "msgfm", "msGFM Table 6: cross-sensor reconstruction ratio 0.5 vs 0.0", "pretrain-msgfm-tiny.yaml",
@@ -112,18 +122,18 @@ def ablations() -> dict[str, Ablation]:
         "ofa": Ablation(
             "ofa", "OFA-Net Tables 1-2: multi-sensor vs single-sensor (S2) pretraining vs random init",
             "pretrain-ofa-tiny.yaml",
-            [Arm("multi-sensor", {"data.groups": {PAIRS: 8, "s2_l2a+s1_grd_db+dem": 8, "s2_l1c": 4,
-                                                  "landsat8_oli_tirs": 8, "vhr_rgbn": 8}}, [crop_s2, cover_s2, ben_s2]),
-             Arm("S2 only", {"data.groups": {PAIRS: 8, "s2_l2a+s1_grd_db+dem": 8}, "data.sensors": ["s2_l2a"]},
-                 [crop_s2, cover_s2, ben_s2]),
-             Arm("random init", None, [crop_s2, cover_s2, ben_s2])],
-            [Comparison("multi-sensor", "S2 only", "m-bigearthnet top-1 57.13 vs 55.41; m-SA-crop-type mIoU "
-                                                   "31.98 vs 30.67", +1.72),
-             Comparison("S2 only", "random init", "m-bigearthnet 55.41 vs 52.89; m-SA-crop-type 30.67 vs 29.11",
-                        +2.52),
-             Comparison("multi-sensor", "random init", "m-bigearthnet 57.13 vs 52.89; m-SA-crop-type 31.98 vs "
-                                                       "29.11", +4.24)],
+            [Arm("multi-sensor", ofa_multi, ofa_probes), Arm("S2 only", ofa_s2, ofa_probes),
+             Arm("random init", None, ofa_probes)], ofa_comparisons,
             ["every arm is probed on Sentinel-2 alone, the one sensor all three encoders know"]),
+        # A check, not a paper table: the tiny preset's patch 8 gives 4x4 tokens on 32 px chips; does the
+        # pretrained-below-random finding above survive finer tokens (more per-pixel detail in the features)?
+        "ofa_p4": Ablation(
+            "ofa_p4", "OFA-Net Tables 1-2 again with patch 4 (8x8 tokens): a check of the patch-8 result",
+            "pretrain-ofa-tiny.yaml",
+            [Arm("multi-sensor", ofa_multi | {"model.patch_size": 4}, ofa_probes),
+             Arm("S2 only", ofa_s2 | {"model.patch_size": 4}, ofa_probes),
+             Arm("random init", None, ofa_probes)], ofa_comparisons,
+            ["model.patch_size 4 in every arm (random init: the multi-sensor arm's recipe untrained)"]),
         "skysense": Ablation(
             "skysense", "SkySense: S2 series vs one date (same encoder); S2 + S1 vs S2-only pretraining",
             "pretrain-skysense-tiny.yaml",
@@ -309,7 +319,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 seeds, 150 steps: a first look")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 5; --quick: 2)")
     ap.add_argument("--steps", type=int, default=None, help="pretraining steps per run (default 300; --quick: 150)")
-    ap.add_argument("--ablations", default="msgfm,ofa,skysense,mars")
+    ap.add_argument("--ablations", default="msgfm,ofa,skysense,mars,ofa_p4")
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "reproduce")
     args = ap.parse_args()
     seeds = args.seeds or (2 if args.quick else 5)
