@@ -89,14 +89,13 @@ def ingest(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Chip scenes into Parquet shards + manifest.json. Exit 3 if any scene was quarantined."""
-    from earthray.data.ingest import ingest as run_ingest
     from earthray.data.manifest import summary_table
-    from earthray.data.spec import load_spec
     from earthray.runtime import set_verbose
     from earthray.train.progress import Reporter
 
     set_verbose(verbose)
-    ingest_spec = load_spec(spec)
+    job = _job("ingest")
+    ingest_spec = job.loader(spec)
     if address:
         ingest_spec.address = address
     with Reporter(err).task("ingest", "scenes") as bar:
@@ -105,7 +104,7 @@ def ingest(
             note = f"{result.chips} chips" if result.status == "done" else "quarantined"
             bar.update(done, total, f"{Path(result.scene).name}: {note}")
 
-        manifest = run_ingest(ingest_spec, overwrite=overwrite, on_scene=on_scene)
+        manifest = job.runner(ingest_spec, overwrite=overwrite, on_scene=on_scene)
     console.print(summary_table(manifest))
     console.print(f"shards and manifest: {Path(ingest_spec.output) / 'manifest.json'}", highlight=False,
                   soft_wrap=True)
@@ -115,19 +114,27 @@ def ingest(
         raise typer.Exit(EXIT_QUARANTINE)
 
 
-def _train(load, run, spec: Path, address: str | None, verbose: bool, describe):
+def _job(name: str):
+    """The command's entry in the one job table (its spec loader and run function)."""
+    from earthray.jobs.kinds import KINDS
+
+    return KINDS[name]
+
+
+def _train(name: str, spec: Path, address: str | None, verbose: bool, describe):
     """Load a training spec, point it at ``address``, and run it with the workers' progress shown."""
     from earthray.runtime import set_verbose
     from earthray.train.progress import Reporter
 
     set_verbose(verbose)
-    job = load(spec)
+    kind = _job(name)
+    job = kind.loader(spec)
     if address:
         job.address = address
     shown = Reporter(err)
     shown.line(describe(job))
     with shown.training(job):
-        return job, run(job)
+        return job, kind.runner(job)
 
 
 @app.command()
@@ -137,10 +144,7 @@ def pretrain(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Pretrain a recipe on Ray Train; running the same spec again resumes it."""
-    from earthray.train.run import pretrain as run_pretrain
-    from earthray.train.spec import load_pretrain_spec
-
-    _, result = _train(load_pretrain_spec, run_pretrain, spec, address, verbose,
+    _, result = _train("pretrain", spec, address, verbose,
                        lambda j: f"pretraining {j.name} ({j.recipe}/{j.preset}, {j.max_steps} steps)")
     loss = result.metrics.get("loss")
     console.print(f"[bold green]done[/] {result.name}: step {result.metrics.get('step')}"
@@ -157,10 +161,7 @@ def finetune(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Fine-tune a task head on a pretrained bundle; evaluate on the held-out split; optionally register it."""
-    from earthray.train.finetune import finetune as run_finetune
-    from earthray.train.spec import load_finetune_spec
-
-    ft, result = _train(load_finetune_spec, run_finetune, spec, address, verbose,
+    ft, result = _train("finetune", spec, address, verbose,
                         lambda j: f"fine-tuning {j.name} ({j.task.task}, encoder {j.task.encoder}, "
                                   f"{j.max_steps} steps) on {j.bundle}")
     val = {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}
@@ -185,16 +186,15 @@ def evaluate(
     """Linear-probe and kNN scores of a bundle's frozen encoder on a labelled shard group (MLflow run)."""
     from rich.table import Table
 
-    from earthray.evaluate import evaluate as run_evaluate
-    from earthray.evaluate import load_evaluate_spec
     from earthray.runtime import set_verbose
 
     set_verbose(verbose)
-    eval_spec = load_evaluate_spec(spec)
+    job = _job("evaluate")
+    eval_spec = job.loader(spec)
     if address:
         eval_spec.address = address
     with err.status(f"evaluating {bundle} on {eval_spec.data.group} ({', '.join(eval_spec.methods)})"):
-        result = run_evaluate(bundle, eval_spec)
+        result = job.runner(bundle, eval_spec)
     metrics = sorted({k.split("/", 1)[1] for k in result.scores}, key=["oa", "miou", "f1", "map"].index)
     table = Table(title=f"{bundle} on {eval_spec.data.group}: {result.n_train} train / {result.n_eval} eval samples")
     for col in ("method", *metrics):
@@ -344,10 +344,9 @@ def serve(
     """Run a Serve config file's applications until Ctrl-C (local Ray by default); the config, every bundle
     and the port are checked before anything starts."""
     from earthray.runtime import set_verbose
-    from earthray.serve.run import run_config
 
     set_verbose(verbose)
-    run_config(config, port=port, host=host, address=address,
+    _job("serve").runner(config, port=port, host=host, address=address,
                on_status=lambda m: console.print(m, highlight=False, soft_wrap=True))
 
 
@@ -362,13 +361,11 @@ def infer(
     from rich.markup import escape
 
     from earthray.runtime import set_verbose
-    from earthray.serve.spec import load_infer_spec
     from earthray.train.progress import Reporter
 
     set_verbose(verbose)
-    infer_spec = load_infer_spec(spec)
-    from earthray.serve.infer import infer as run_infer
-
+    job = _job("infer")
+    infer_spec = job.loader(spec)
     if address:
         infer_spec.address = address
     shown = Reporter(err)
@@ -380,7 +377,7 @@ def infer(
             shown.line(f"{escape(result.scene)}: {note} {escape(result.reason or result.output or '')}",
                        markup=True)
 
-        result = run_infer(infer_spec, on_scene=on_scene, on_windows=lambda done, total: bar.update(done, total))
+        result = job.runner(infer_spec, on_scene=on_scene, on_windows=lambda done, total: bar.update(done, total))
     counts = {s: sum(r.status == s for r in result.scenes) for s in ("done", "skipped", "failed")}
     console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "
                   f"{result.windows} windows in {result.seconds:.1f}s -> {infer_spec.output}", highlight=False,
@@ -397,14 +394,14 @@ def sweep(
 ) -> None:
     """Sweep a pretraining job's fields with Ray Tune, scoring each trial's encoder; running it again resumes it."""
     from earthray.runtime import set_verbose
-    from earthray.tune import load_sweep
-    from earthray.tune.sweep import run_sweep, summary_table
+    from earthray.tune.sweep import summary_table
 
     set_verbose(verbose)
-    plan = load_sweep(spec)
+    job = _job("sweep")
+    plan = job.loader(spec)
     if address:
         plan.spec.address = address
-    result = run_sweep(plan)
+    result = job.runner(plan)
     console.print(summary_table(result))
     if result.best is not None:
         values = ", ".join(f"{k}={v}" for k, v in result.best.config.items())

@@ -81,4 +81,19 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 
 def close_run(uri: str, run_id: str, ok: bool) -> None:
-    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    set_status(uri, run_id, "FINISHED" if ok else "FAILED")
+
+
+def run_status(uri: str, run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None if the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """End the run as ``status`` (FINISHED, FAILED or KILLED)."""
+    _client(uri).set_terminated(run_id, status=status)

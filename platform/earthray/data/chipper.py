@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -390,71 +391,130 @@ class _Samples:
     available: np.ndarray  # (n,) False where a paired sample has no date of this sensor
 
 
-def _chip(task: ChipTask, result: ChipResult, tmp: Path, stack: ExitStack) -> None:
+@dataclass
+class _Plan:
+    """Everything a scene's strips share, settled once the sources are open, so each strip is read and
+    turned into rows without re-deciding grid, dates or pairing."""
+
+    task: ChipTask
+    scene: str  # the result's scene name, carried into every row
+    sensors: dict[str, Sensor]
+    scenes: dict[str, Scene]
+    layout: dict[str, tuple[list[int], int]]
+    layers: list[_Layer]
+    grid: Grid
+    dates: dict[str, datetime | None | list[datetime | None]]
+    match: dict[str, np.ndarray | None]  # per sensor: its date index for each reference date; None unpaired
+    crs: str
+    block: float
+
+    @property
+    def size(self) -> int:
+        return self.task.chip_size
+
+    @property
+    def ref(self) -> str:
+        """The first sensor: its samples decide which rows exist and where they lie."""
+        return next(iter(self.sensors))
+
+    @property
+    def paired(self) -> bool:
+        return self.task.pair_within_days is not None
+
+    def strip_starts(self) -> range:
+        return range(0, self.grid.height - self.size + 1, self.task.stride)
+
+    def windows(self, x: np.ndarray) -> np.ndarray:
+        """``(..., size, W)`` strip -> ``(n, ..., size, size)``: every chip along it, as views."""
+        w = sliding_window_view(x, self.size, axis=-1)[..., ::self.task.stride, :]
+        return np.moveaxis(w, -2, 0)
+
+
+def _plan(task: ChipTask, result: ChipResult, stack: ExitStack) -> _Plan:
+    """Open and check every source and label layer before the first strip is read, so a missing, misplaced
+    or too small input quarantines the scene at once."""
     sensors = {name: Sensor.model_validate(src.sensor) for name, src in task.sources.items()}
-    scenes, layout, ref_grid = _open_sources(task, sensors, result, stack)
-    layers = _open_labels(task, ref_grid, result.scene, stack)
-    size, stride = task.chip_size, task.stride
-    if ref_grid.width < size or ref_grid.height < size:
-        raise Quarantine(f"{result.scene}: {ref_grid.width}x{ref_grid.height} is smaller than one {size}px chip")
+    scenes, layout, grid = _open_sources(task, sensors, result, stack)
+    layers = _open_labels(task, grid, result.scene, stack)
+    size = task.chip_size
+    if grid.width < size or grid.height < size:
+        raise Quarantine(f"{result.scene}: {grid.width}x{grid.height} is smaller than one {size}px chip")
     dates = {n: [_date(d) for d in scenes[n].band_dates[::len(sensors[n].bands)]] if task.sources[n].time_series
              else _date(scenes[n].acquired) for n in sensors}
     ref = next(iter(sensors))
-    match = None
-    if task.pair_within_days is not None:
-        match = {n: pair_dates(dates[ref], dates[n], task.pair_within_days) for n in sensors}
-    crs = ref_grid.crs_string()
-    block = task.split.get("block_size") or 4 * size * ref_grid.res[0]
-    stats = {n: BandStats(len(s.bands)) for n, s in sensors.items()}
-    present: dict[str, dict[str, int]] = {n: {} for n in sensors}
-    writer = _ShardWriter(tmp, _fields(task, sensors, layers), task, stack)
+    paired = task.pair_within_days is not None
+    match = {n: pair_dates(dates[ref], dates[n], task.pair_within_days) if paired else None for n in sensors}
+    block = task.split.get("block_size") or 4 * size * grid.res[0]
+    return _Plan(task, result.scene, sensors, scenes, layout, layers, grid, dates, match, grid.crs_string(), block)
 
-    def windows(x: np.ndarray) -> np.ndarray:
-        """``(..., size, W)`` strip -> ``(n, ..., size, size)``: every chip along it, as views."""
-        w = sliding_window_view(x, size, axis=-1)[..., ::stride, :]
-        return np.moveaxis(w, -2, 0)
 
-    for r in range(0, ref_grid.height - size + 1, stride):
-        strip = Window(0, r, ref_grid.width, size)
-        samples = {n: _strip_samples(scenes[n], layout[n], sensors[n], task.sources[n].time_series, strip, windows,
-                                     dates[n], None if match is None else match[n]) for n in sensors}
-        positions = np.arange(len(samples[ref].available))
-        if match is not None:
-            positions = positions // len(dates[ref])
-        # a series pixel counts once seen on any date: clouds come and go, nodata stays
-        frac = {n: (s.valid.any(axis=1) if s.valid.ndim == 4 else s.valid).reshape(len(s.valid), -1).mean(axis=1)
-                for n, s in samples.items()}
-        ok = {n: samples[n].available & (frac[n] >= task.min_valid) for n in sensors}
-        keep = np.flatnonzero(ok[ref])
-        if not len(keep):
+def _chip(task: ChipTask, result: ChipResult, tmp: Path, stack: ExitStack) -> None:
+    """Stream the scene strip by strip into the shard, so memory stays one strip whatever the scene size."""
+    plan = _plan(task, result, stack)
+    stats = {n: BandStats(len(s.bands)) for n, s in plan.sensors.items()}
+    present: dict[str, dict[str, int]] = {n: {} for n in plan.sensors}
+    writer = _ShardWriter(tmp, _fields(task, plan.sensors, plan.layers), task, stack)
+    for r in plan.strip_starts():
+        columns = _strip_rows(plan, r, stats, present)
+        if columns is None:
             continue
-        cols = positions[keep] * stride
-        xs, ys = ref_grid.transform @ (cols + size / 2, np.full(len(cols), r + size / 2))
-        lons, lats = warp_transform(ref_grid.crs, "EPSG:4326", xs, ys)
-        splits = [task.fixed_split] * len(keep) if task.fixed_split else \
-            [split_of(x, y, crs, block, task.split) for x, y in zip(xs, ys)]
-        suffix = [f"@{samples[ref].dates[k]:%Y%m%dT%H%M%S}" for k in keep] if match is not None else [""] * len(keep)
-        n = len(keep)
-        columns = dict(sample_id=[f"{task.input}/{task.key[:10]}/{r}_{c}{s}" for c, s in zip(cols, suffix)],
-                       input=[task.input] * n, scene=[result.scene] * n, crs=[crs] * n, x=list(xs), y=list(ys),
-                       lon=list(lons), lat=list(lats), row=[r] * n, col=cols.tolist(), split=splits)
-        for name, sensor in sensors.items():
-            columns |= _sensor_columns(name, sensor, task.sources[name], scenes[name], samples[name], keep,
-                                       ok[name][keep], splits, stats[name], present[name])
-        for layer in layers:
-            columns[label_column(layer.spec["name"])] = _label_rows(layer, strip, windows, positions[keep])
         writer.add(columns)
-        result.chips += n
-        for split in splits:
+        result.chips += len(columns["sample_id"])
+        for split in columns["split"]:
             result.by_split[split] = result.by_split.get(split, 0) + 1
     writer.flush()
     result.stats = {n: s.to_dict() for n, s in stats.items()}
     result.present = present
-    result.labels = {layer.spec["name"]: {"counts": layer.counts, "unmapped": layer.unmapped} for layer in layers}
+    result.labels = {layer.spec["name"]: {"counts": layer.counts, "unmapped": layer.unmapped} for layer in plan.layers}
+
+
+def _strip_rows(plan: _Plan, r: int, stats: dict[str, BandStats],
+                present: dict[str, dict[str, int]]) -> dict[str, list] | None:
+    """One strip's rows as shard columns (None when no sample of the first sensor is valid enough); only
+    kept samples reach the statistics and presence counts."""
+    strip = Window(0, r, plan.grid.width, plan.size)
+    samples = {n: _strip_samples(plan.scenes[n], plan.layout[n], sensor, plan.task.sources[n].time_series, strip,
+                                 plan.windows, plan.dates[n], plan.match[n]) for n, sensor in plan.sensors.items()}
+    ok = {n: s.available & (_valid_fraction(s) >= plan.task.min_valid) for n, s in samples.items()}
+    keep = np.flatnonzero(ok[plan.ref])
+    if not len(keep):
+        return None
+    positions = np.arange(len(samples[plan.ref].available))
+    if plan.paired:
+        positions = positions // len(plan.dates[plan.ref])
+    columns = _place_columns(plan, r, positions[keep], [samples[plan.ref].dates[k] for k in keep])
+    for name, sensor in plan.sensors.items():
+        columns |= _sensor_columns(name, sensor, plan.task.sources[name], plan.scenes[name], samples[name], keep,
+                                   ok[name][keep], columns["split"], stats[name], present[name])
+    for layer in plan.layers:
+        columns[label_column(layer.spec["name"])] = _label_rows(layer, strip, plan.windows, positions[keep])
+    return columns
+
+
+def _valid_fraction(samples: _Samples) -> np.ndarray:
+    """Per sample, the share of valid pixels. A series pixel counts once seen on any date: clouds come and
+    go, nodata stays."""
+    valid = samples.valid.any(axis=1) if samples.valid.ndim == 4 else samples.valid
+    return valid.reshape(len(samples.valid), -1).mean(axis=1)
+
+
+def _place_columns(plan: _Plan, r: int, positions: np.ndarray, dates: list) -> dict[str, list]:
+    """Where each kept sample lies and its id; the split follows from the place, so nearby chips share one."""
+    task, size = plan.task, plan.size
+    n = len(positions)
+    cols = positions * task.stride
+    xs, ys = plan.grid.transform @ (cols + size / 2, np.full(n, r + size / 2))
+    lons, lats = warp_transform(plan.grid.crs, "EPSG:4326", xs, ys)
+    splits = [task.fixed_split] * n if task.fixed_split else \
+        [split_of(x, y, plan.crs, plan.block, task.split) for x, y in zip(xs, ys)]
+    suffix = [f"@{d:%Y%m%dT%H%M%S}" for d in dates] if plan.paired else [""] * n
+    return dict(sample_id=[f"{task.input}/{task.key[:10]}/{r}_{c}{s}" for c, s in zip(cols, suffix)],
+                input=[task.input] * n, scene=[plan.scene] * n, crs=[plan.crs] * n, x=list(xs), y=list(ys),
+                lon=list(lons), lat=list(lats), row=[r] * n, col=cols.tolist(), split=splits)
 
 
 def _strip_samples(scene: Scene, layout: tuple[list[int], int], sensor: Sensor, series: bool, strip: Window,
-                   windows, dates, match: np.ndarray | None) -> _Samples:
+                   windows: Callable[[np.ndarray], np.ndarray], dates, match: np.ndarray | None) -> _Samples:
     idx, t = layout
     data, valid = scene.read(strip)
     data, valid = data[idx], valid[idx]
@@ -502,7 +562,7 @@ def _sensor_columns(name: str, sensor: Sensor, source: SourceTask, scene: Scene,
     return out
 
 
-def _label_rows(layer: _Layer, strip: Window, windows, positions: np.ndarray) -> list[np.ndarray]:
+def _label_rows(layer: _Layer, strip: Window, windows: Callable[[np.ndarray], np.ndarray], positions: np.ndarray) -> list[np.ndarray]:
     if layer.vector is not None:
         layer.count(positions)
         return [layer.vector] * len(positions)

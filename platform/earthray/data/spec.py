@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from earthray.config import ConfigError, StrictModel, load_yaml, resolve_path
+from earthray.config import ConfigError, InputPath, OutputPath, StrictModel, load_yaml
 from earthray.sensors import ValueTransform
 
 Split = Literal["train", "val", "test"]
@@ -30,9 +30,9 @@ class SourceSpec(StrictModel):
     pattern with the scene's values filled in, which is how a folder of pairs is ingested in one input.
     """
 
-    path: str | None = Field(None, description="a GeoTIFF/COG/ENVI file, S2 SAFE or netCDF/Zarr cube; "
+    path: InputPath | None = Field(None, description="a GeoTIFF/COG/ENVI file, S2 SAFE or netCDF/Zarr cube; "
                              "a glob makes one scene per match")
-    stack: list[str] | None = Field(None, description="files forming one band stack: one-band rasters (Landsat "
+    stack: list[InputPath] | None = Field(None, description="files forming one band stack: one-band rasters (Landsat "
                                     "style) or cubes holding different bands (S2 10 m + 20 m files)")
     bands: list[str] | dict[str, str] | None = Field(
         None, description="catalogue bands the source holds, in file order; for a cube, catalogue band -> variable "
@@ -69,9 +69,9 @@ class LabelSpec(StrictModel):
     listed in a JSON file beside the scene, as BigEarthNet's), becoming a label column of the shards."""
 
     name: str = Field("label", pattern=r"^[A-Za-z0-9_]+$", description="layer name; the first layer is the default")
-    path: str | None = Field(None, description="per-pixel label raster or cube (may hold the input's placeholders)")
+    path: InputPath | None = Field(None, description="per-pixel label raster or cube (may hold the input's placeholders)")
     variable: str | None = Field(None, description="the cube variable holding the labels")
-    scene: str | None = Field(None, description="per-scene labels: a JSON file (may hold the input's placeholders)")
+    scene: InputPath | None = Field(None, description="per-scene labels: a JSON file (may hold the input's placeholders)")
     key: str = Field("labels", description="the JSON field listing the scene's class names")
     classes: list[str] | None = Field(None, description="class names; index = label value - first_class")
     codes: dict[int, str] | None = Field(None, description="label value -> class name (e.g. a legend's codes); "
@@ -180,8 +180,8 @@ class InputSpec(StrictModel):
 
 class IngestSpec(StrictModel):
     name: str = "ingest"
-    output: str
-    sensors_file: str | None = Field(None, description="extra sensor catalogue YAML (adds or overrides sensors)")
+    output: OutputPath
+    sensors_file: InputPath | None = Field(None, description="extra sensor catalogue YAML (adds or overrides sensors)")
     chip_size: int = Field(64, ge=8)
     stride: int | None = Field(None, ge=1)
     min_valid_fraction: float = Field(0.5, ge=0, le=1)
@@ -228,26 +228,7 @@ class IngestSpec(StrictModel):
 
 def load_spec(path: str | Path) -> IngestSpec:
     """Load a spec; relative paths in it are relative to the spec file, as a reader expects."""
-    spec = load_yaml(path, IngestSpec)
-    return resolve_paths(spec, Path(path).parent)
-
-
-def resolve_paths(spec: IngestSpec, base: Path) -> IngestSpec:
-    spec = spec.model_copy(deep=True)
-    spec.output = resolve_path(spec.output, base)
-    if spec.sensors_file:
-        spec.sensors_file = resolve_path(spec.sensors_file, base)
-    for inp in spec.inputs:
-        for src in inp.sensors.values():
-            if src.path:
-                src.path = resolve_path(src.path, base)
-            if src.stack:
-                src.stack = [resolve_path(p, base) for p in src.stack]
-        for layer in inp.labels:
-            for attr in ("path", "scene"):
-                if getattr(layer, attr):
-                    setattr(layer, attr, resolve_path(getattr(layer, attr), base))
-    return spec
+    return load_yaml(path, IngestSpec)
 
 
 def expand(pattern: str, where: str, one: bool = False) -> list[str]:

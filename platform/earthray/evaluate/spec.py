@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from earthray.config import StrictModel, load_yaml, resolve_path
+from earthray.config import InputPath, RuntimeSpec, StrictModel, TrackingSpec, load_yaml
 
 Method = Literal["linear", "knn"]
 
 
 class EvalDataSpec(StrictModel):
-    root: str = Field(description="an ingest output folder (holds manifest.json)")
+    root: InputPath = Field(description="an ingest output folder (holds manifest.json)")
     group: str = Field(description="a labelled shard group")
     label: str | None = Field(None, description="the group's label layer to probe (default: its first)")
     inputs: list[str] | None = Field(None, min_length=1, description="the group's sensors fed to the encoder "
@@ -44,12 +43,11 @@ class LinearSpec(StrictModel):
     batch_size: int = Field(256, ge=1)
 
 
-class EvalTrackingSpec(StrictModel):
-    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
+class EvalTrackingSpec(TrackingSpec):
     experiment: str = "earthray-evaluate"
 
 
-class EvaluateSpec(StrictModel):
+class EvaluateSpec(RuntimeSpec):
     data: EvalDataSpec
     methods: list[Method] = Field(default_factory=lambda: ["linear", "knn"], min_length=1)
     features: Literal["last", "concat"] = Field("last", description="last level, or all levels at the coarsest grid")
@@ -60,9 +58,7 @@ class EvaluateSpec(StrictModel):
     num_cpus: float = Field(0.5, gt=0, description="CPUs of the feature-extraction actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the feature-extraction actor (>0: encode on CUDA)")
     tracking: EvalTrackingSpec = EvalTrackingSpec()
-    workdir: str = "work"
     seed: int = 0
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
 
     @field_validator("methods")
     @classmethod
@@ -74,13 +70,9 @@ class EvaluateSpec(StrictModel):
     @property
     def tracking_uri(self) -> str:
         """Where runs are logged and ``models:/`` URIs are looked up (as pretraining's ``tracking_uri``)."""
-        return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{Path(self.workdir, 'mlflow.db').resolve()}")
+        return self.tracking.uri(self.workdir)
 
 
 def load_evaluate_spec(path: str | Path) -> EvaluateSpec:
     """Load a spec; ``workdir`` and ``data.root`` are relative to the spec file."""
-    spec = load_yaml(path, EvaluateSpec)
-    for obj, attr in ((spec, "workdir"), (spec.data, "root")):
-        setattr(obj, attr, resolve_path(getattr(obj, attr), Path(path).parent))
-    return spec
+    return load_yaml(path, EvaluateSpec)

@@ -14,63 +14,91 @@ import glob
 import importlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from earthray.config import ConfigError, read_yaml
+from earthray.config import ConfigError, load_yaml, path_values, read_yaml, validate
 
 # Never uploaded: environments, VCS data, run outputs, caches, build products.
 EXCLUDES = [".venv", ".git", "work", "runs", "mlruns", "__pycache__", "*.egg-info", ".pytest_cache",
             ".ruff_cache", "*.db", "build", "dist"]
 
 
-def _loader(module: str, name: str) -> Callable[[Path], None]:
-    """Validate with the command's own loader, imported only when a spec of that kind is submitted."""
-
-    def load(path: Path) -> None:
-        getattr(importlib.import_module(module), name)(path)
-
-    return load
+def _attr(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Kind:
-    """``outputs`` maps a dotted field to its default (None: no relative default); ``*`` walks lists and maps.
+    """One earthray command: its typed spec, the loader that checks and resolves it, the function that
+    runs it, and the file names that say a spec is one of its kind. Imported only when used.
 
     ``spec_last``: the command takes its extra arguments before the spec (``earthray evaluate BUNDLE SPEC``).
+    ``check_on_submit``: the loader can run before upload (the sweep's reads the data's manifests, which
+    may exist only on the cluster). ``paths``: the typed paths of a spec file (default: the spec class's
+    :data:`~earthray.config.InputPath` / :data:`~earthray.config.OutputPath` fields, unresolved).
     """
 
     name: str
-    outputs: dict[str, str | None] = field(default_factory=dict)
-    inputs: tuple[str, ...] = ()
-    load: Callable[[Path], None] | None = None
+    spec: str
+    load: str
+    run: str
+    names: tuple[str, ...]
     spec_last: bool = False
+    check_on_submit: bool = True
+    paths: Callable[[Path], Iterator[tuple[str, str, Any]]] | None = None
+
+    @property
+    def spec_class(self) -> type:
+        return _attr(self.spec)
+
+    @property
+    def loader(self) -> Callable[[str | Path], Any]:
+        return _attr(self.load)
+
+    @property
+    def runner(self) -> Callable[..., Any]:
+        return _attr(self.run)
+
+    def path_values(self, path: Path) -> Iterator[tuple[str, str, Any]]:
+        if self.paths is not None:
+            yield from self.paths(path)
+            return
+        for where, role, value, _ in path_values(load_yaml(path, self.spec_class, resolve=False)):
+            yield where, role, value
 
 
-_TRAIN_OUT = {"workdir": "work", "tracking.tracking_uri": None}
+def _serve_paths(path: Path) -> Iterator[tuple[str, str, Any]]:
+    """A Serve config is Ray's schema around earthray's ``AppArgs``: the paths are in each earthray app's args."""
+    from earthray.serve.config import IMPORT_PATH, AppArgs
+
+    for i, app in enumerate((read_yaml(path) or {}).get("applications") or []):
+        if isinstance(app, dict) and app.get("import_path") == IMPORT_PATH:
+            args = validate(AppArgs, app.get("args") or {}, f"{path}: applications.{i}.args")
+            for where, role, value, _ in path_values(args, f"applications.{i}.args"):
+                yield where, role, value
+
+
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("ingest", outputs={"output": None},
-         inputs=("sensors_file", "inputs.*.sensors.*.path", "inputs.*.sensors.*.stack.*", "inputs.*.label.path",
-                 "inputs.*.label.scene", "inputs.*.label.*.path", "inputs.*.label.*.scene"),
-         load=_loader("earthray.data.spec", "load_spec")),
-    Kind("pretrain", outputs=_TRAIN_OUT, inputs=("data.root",),
-         load=_loader("earthray.train.spec", "load_pretrain_spec")),
-    Kind("finetune", outputs=_TRAIN_OUT, inputs=("bundle", "data.root"),
-         load=_loader("earthray.train.spec", "load_finetune_spec")),
-    Kind("evaluate", outputs=_TRAIN_OUT, inputs=("data.root",),
-         load=_loader("earthray.evaluate", "load_evaluate_spec"), spec_last=True),
-    Kind("infer", outputs={"output": None, "tracking_uri": None}, inputs=("model", "scenes.*", "scenes.*.*"),
-         load=_loader("earthray.serve.infer", "load_infer_spec")),
-    # load_sweep reads the data's manifests, which may exist only on the cluster: paths checked here only
-    Kind("sweep", outputs=_TRAIN_OUT, inputs=("base",)),
-    Kind("serve", outputs={"applications.*.args.tracking_uri": None}, inputs=("applications.*.args.models.*",),
-         load=_loader("earthray.serve.app", "load_serve_config")),
+    Kind("ingest", "earthray.data.spec:IngestSpec", "earthray.data.spec:load_spec", "earthray.data.ingest:ingest",
+         ("ingest-*.yaml",)),
+    Kind("pretrain", "earthray.train.spec:PretrainSpec", "earthray.train.spec:load_pretrain_spec",
+         "earthray.train.run:pretrain", ("pretrain-*.yaml",)),
+    Kind("finetune", "earthray.train.spec:FinetuneSpec", "earthray.train.spec:load_finetune_spec",
+         "earthray.train.finetune:finetune", ("finetune-*.yaml",)),
+    Kind("evaluate", "earthray.evaluate:EvaluateSpec", "earthray.evaluate:load_evaluate_spec",
+         "earthray.evaluate:evaluate", ("evaluate-*.yaml",), spec_last=True),
+    Kind("infer", "earthray.serve.spec:InferSpec", "earthray.serve.spec:load_infer_spec",
+         "earthray.serve.infer:infer", ("infer-*.yaml",)),
+    Kind("sweep", "earthray.tune.spec:SweepSpec", "earthray.tune:load_sweep", "earthray.tune.sweep:run_sweep",
+         ("tune/*.yaml", "sweep-*.yaml"), check_on_submit=False),
+    Kind("serve", "earthray.serve.config:AppArgs", "earthray.serve.config:load_serve_config",
+         "earthray.serve.run:run_config", ("serve/*.yaml",), paths=_serve_paths),
 )}
 
-PATTERNS = ("jobs/ingest-*.yaml -> ingest, pretrain-*.yaml -> pretrain, finetune-*.yaml -> finetune, "
-            "evaluate-*.yaml -> evaluate, infer-*.yaml -> infer, tune/*.yaml or sweep-*.yaml -> sweep, "
-            "serve/*.yaml -> serve")
+PATTERNS = ", ".join(f"{' or '.join(k.names)} -> {k.name}" for k in KINDS.values())
 
 
 def spec_kind(path: str | Path, kind: str | None = None) -> str:
@@ -82,29 +110,14 @@ def spec_kind(path: str | Path, kind: str | None = None) -> str:
         return kind
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: a job spec is a .yaml file; accepted names: {PATTERNS}")
-    stem, folder = path.stem, path.resolve().parent.name
-    if folder == "tune" or stem.startswith("sweep-"):
-        return "sweep"
-    if folder == "serve":
-        return "serve"
-    for name in ("ingest", "pretrain", "finetune", "evaluate", "infer"):
-        if stem.startswith(f"{name}-"):
-            return name
+    # A folder pattern (tune/*.yaml) wins over a file-name pattern (pretrain-*.yaml), which holds anywhere.
+    in_folder, named = f"{path.resolve().parent.name}/{path.stem}.yaml", f"{path.stem}.yaml"
+    for folder in (True, False):
+        for k in KINDS.values():
+            if any(fnmatch.fnmatch(in_folder if folder else named, n) for n in k.names if ("/" in n) == folder):
+                return k.name
     raise ConfigError(f"{path}: cannot tell which command runs this spec from its name; "
                       f"accepted: {PATTERNS} (or pass the kind explicitly)")
-
-
-def _values(data: Any, keys: list[str], where: str = "") -> Iterator[tuple[str, Any]]:
-    if not keys:
-        yield where, data
-        return
-    key, rest = keys[0], keys[1:]
-    if key == "*":
-        items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-        for k, v in items:
-            yield from _values(v, rest, f"{where}.{k}" if where else str(k))
-    elif isinstance(data, dict) and key in data and data[key] is not None:
-        yield from _values(data[key], rest, f"{where}.{key}" if where else key)
 
 
 def _local(value: str) -> str | None:
@@ -137,31 +150,38 @@ def check_spec(path: str | Path, working_dir: Path, kind: str | None = None) -> 
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a spec is a YAML mapping (got {type(data).__name__})")
-    spec = KINDS[name]
-    if spec.load is not None:
-        spec.load(path)
+    job = KINDS[name]
+    if job.check_on_submit:
+        job.loader(path)
     base = path.resolve().parent
     copy = "a submitted job runs in a temporary copy of the working dir"
     shared = "use an absolute path on storage the cluster shares (e.g. /mnt/shared/...) or a URI (s3://...)"
-    for dotted, default in spec.outputs.items():
-        found = list(_values(data, dotted.split(".")))
-        if not found and default is not None:
-            found = [(f"{dotted} (default)", default)]
-        for where, value in found:
-            if _relative(value) is not None:
-                raise ConfigError(f"{path}: {where}: {value!r} is relative; {copy}, which the cluster deletes "
-                                  f"afterwards: {shared}")
-    for dotted in spec.inputs:
-        for where, value in _values(data, dotted.split(".")):
-            if (local := _relative(value)) is None:
-                continue
-            literal = next((i for i, c in enumerate(local) if glob.has_magic(c)), len(local))
-            target = (base / (local[:literal] or ".")).resolve()
-            reason = None
-            if not target.is_relative_to(working_dir):
-                reason = f"it resolves to {target}, outside the working dir {working_dir}"
-            elif pattern := excluded(target, working_dir):
-                reason = f"it resolves to {target}, which the upload excludes ({pattern})"
-            if reason:
-                raise ConfigError(f"{path}: {where}: {value!r} is relative and {reason}; {copy}: {shared}")
+    for where, role, value in job.path_values(path):
+        if (local := _relative(value)) is None:
+            continue
+        if role == "output":
+            default = "" if _given(data, where) else " (default)"
+            raise ConfigError(f"{path}: {where}{default}: {value!r} is relative; {copy}, which the cluster deletes "
+                              f"afterwards: {shared}")
+        literal = next((i for i, c in enumerate(local) if glob.has_magic(c)), len(local))
+        target = (base / (local[:literal] or ".")).resolve()
+        reason = None
+        if not target.is_relative_to(working_dir):
+            reason = f"it resolves to {target}, outside the working dir {working_dir}"
+        elif pattern := excluded(target, working_dir):
+            reason = f"it resolves to {target}, which the upload excludes ({pattern})"
+        if reason:
+            raise ConfigError(f"{path}: {where}: {value!r} is relative and {reason}; {copy}: {shared}")
     return name
+
+
+def _given(data: Any, where: str) -> bool:
+    """Whether the file itself names ``where`` (a dotted field), rather than the spec's default."""
+    for key in where.split("."):
+        if isinstance(data, list) and key.isdigit() and int(key) < len(data):
+            data = data[int(key)]
+        elif isinstance(data, dict) and key in data:
+            data = data[key]
+        else:
+            return False
+    return True

@@ -18,7 +18,15 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from earthray.config import ConfigError, StrictModel, format_validation_error, read_yaml, resolve_path
+from earthray.config import (
+    ConfigError,
+    InputPath,
+    OutputPath,
+    StrictModel,
+    format_validation_error,
+    read_yaml,
+    resolve_paths,
+)
 
 IMPORT_PATH = "earthray.serve.app:build_app"
 TOKEN_ENV = "EARTHRAY_SERVE_TOKEN"
@@ -31,8 +39,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 class AppArgs(StrictModel):
     """The ``args`` of the application in a Serve config file."""
 
-    models: dict[str, str] = Field(min_length=1, description="name -> bundle folder or models:/NAME@ALIAS URI")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)")
+    models: dict[str, InputPath] = Field(min_length=1, description="name -> bundle folder or models:/NAME@ALIAS URI")
+    tracking_uri: OutputPath | None = Field(None, description="MLflow tracking URI for models:/ (default: "
+                                            "MLFLOW_TRACKING_URI)")
     max_models_per_replica: int = Field(3, ge=1, description="models a ModelServer replica keeps loaded (LRU)")
     max_batch_size: int = Field(8, ge=1, description="requests per dynamic batch; also windows per forward pass")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
@@ -168,7 +177,7 @@ def load_serve_config(path: str | Path, port: int | None = None, host: str | Non
             except ValidationError as e:
                 raise ConfigError(format_validation_error(e, f"{where}.args")) from None
             _check_gateway_slots(app, parsed, where)
-            app["args"] = _resolve_paths(parsed, path.parent).hashed().model_dump(exclude_none=True)
+            app["args"] = resolve_paths(parsed, path.parent).hashed().model_dump(exclude_none=True)
     try:
         return ServeDeploySchema.model_validate(raw)
     except ValidationError as e:
@@ -182,12 +191,6 @@ def _check_gateway_slots(app: dict[str, Any], args: AppArgs, where: str) -> None
             raise ConfigError(f"{where}.deployments.{j}: Gateway max_ongoing_requests ({slots}) must exceed "
                               f"args.max_requests ({args.max_requests}), or predictions leave no room for "
                               f"/healthz and /ready (default: max_requests + {PROBE_HEADROOM})")
-
-
-def _resolve_paths(args: AppArgs, base: Path) -> AppArgs:
-    models = {n: resolve_path(s, base) for n, s in args.models.items()}
-    uri = resolve_path(args.tracking_uri, base) if args.tracking_uri else None
-    return args.model_copy(update={"models": models, "tracking_uri": uri})
 
 
 def earthray_apps(config) -> list[tuple[str, AppArgs]]:

@@ -6,20 +6,20 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from earthray.config import StrictModel, load_yaml, resolve_path
+from earthray.config import InputPath, OutputPath, StrictModel, load_yaml
 
 
 class InferSpec(StrictModel):
     """A batch-inference job. Paths are relative to the spec file."""
 
-    model: str = Field(description="fine-tuned bundle folder or models:/NAME@ALIAS / models:/NAME/VERSION")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ (default: "
+    model: InputPath = Field(description="fine-tuned bundle folder or models:/NAME@ALIAS / models:/NAME/VERSION")
+    tracking_uri: OutputPath | None = Field(None, description="MLflow tracking URI for models:/ (default: "
                                      "MLFLOW_TRACKING_URI)")
-    scenes: list[str | list[str]] = Field(min_length=1, description="files or globs; a list is one scene made "
+    scenes: list[InputPath | list[InputPath]] = Field(min_length=1, description="files or globs; a list is one scene made "
                                           "of one-band files (a band stack)")
     bands: list[str] | None = Field(None, description="names of the scenes' bands, in file order, when the files "
                                     "do not name them (default: the band descriptions)")
-    output: str = Field(description="folder for <stem>.tif (+ .probabilities.tif, .chips.parquet)")
+    output: OutputPath = Field(description="folder for <stem>.tif (+ .probabilities.tif, .chips.parquet)")
     overlap: float = Field(0.25, ge=0, lt=1, description="window overlap (fraction of the input size)")
     batch_size: int = Field(16, ge=1, description="windows per forward pass")
     windows_per_read: int = Field(32, ge=1, description="windows per read task")
@@ -43,12 +43,4 @@ class InferSpec(StrictModel):
 
 
 def load_infer_spec(path: str | Path) -> InferSpec:
-    spec = load_yaml(path, InferSpec)
-    base = Path(path).parent
-    spec.model = resolve_path(spec.model, base)
-    spec.output = resolve_path(spec.output, base)
-    spec.scenes = [[resolve_path(p, base) for p in s] if isinstance(s, list) else resolve_path(s, base)
-                   for s in spec.scenes]
-    if spec.tracking_uri:
-        spec.tracking_uri = resolve_path(spec.tracking_uri, base)
-    return spec
+    return load_yaml(path, InferSpec)

@@ -12,7 +12,7 @@ from earthray.data.pipeline import read_group
 from earthray.recipes import get_recipe_class, resolve_config
 from earthray.runtime import ensure_ray
 from earthray.sensors import STD_FLOOR, Sensor, default_catalogue
-from earthray.train.loop import WEIGHTS, train_loop
+from earthray.train.loop import WEIGHTS, LoopConfig, train_loop
 from earthray.train.spec import PretrainSpec, TrainSpec
 
 
@@ -68,8 +68,8 @@ def fit(spec: TrainSpec, loop_config: dict, datasets: dict, run_id: str, callbac
     w = spec.workers
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "spec": spec.model_dump(), "run_id": run_id,
-                           "tracking_uri": spec.tracking_uri},
+        train_loop_config=LoopConfig(**loop_config, spec=spec.model_dump(), run_id=run_id,
+                                     tracking_uri=spec.tracking_uri).model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                      resources_per_worker={"CPU": w.cpus_per_worker, **w.resources}),
         run_config=RunConfig(name=spec.name, storage_path=spec.storage_path,

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from earthray.config import StrictModel, load_yaml, resolve_path
+from earthray.config import InputPath, RuntimeSpec, StrictModel, load_yaml
+from earthray.config import TrackingSpec as BaseTrackingSpec
 from earthray.tasks import TaskSpec
 
 
 class DataSpec(StrictModel):
-    root: str = Field(description="an ingest output folder (holds manifest.json)")
+    root: InputPath = Field(description="an ingest output folder (holds manifest.json)")
     groups: dict[str, int] = Field(min_length=1, description="shard group -> per-worker batch size")
     split: str = "train"
     label: str | None = Field(None, description="fine-tuning: the label layer to learn (default: each group's first)")
@@ -54,18 +54,16 @@ class WorkersSpec(StrictModel):
                                         description="extra Ray resources per worker, e.g. to pin workers to a node pool")
 
 
-class TrackingSpec(StrictModel):
-    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
+class TrackingSpec(BaseTrackingSpec):
     experiment: str = "earthray-pretrain"
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(0, ge=0, description="reconstruction preview PNGs every N steps (0: off)")
 
 
-class TrainSpec(StrictModel):
+class TrainSpec(RuntimeSpec):
     """What every training job has: data, optimiser, distribution, workers, tracking, steps, checkpoints."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run name: starting it again resumes it")
-    workdir: str = "work"
     data: DataSpec
     optim: OptimSpec = OptimSpec()
     strategy: StrategySpec = StrategySpec()
@@ -76,7 +74,6 @@ class TrainSpec(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0, description="worker failures survived by resuming from the last checkpoint")
     seed: int = 0
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
 
     @model_validator(mode="after")
     def _precision_available(self) -> TrainSpec:
@@ -90,8 +87,7 @@ class TrainSpec(StrictModel):
 
     @property
     def tracking_uri(self) -> str:
-        return (self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{Path(self.workdir, 'mlflow.db').resolve()}")
+        return self.tracking.uri(self.workdir)
 
 
 class PretrainSpec(TrainSpec):
@@ -113,7 +109,7 @@ class RegisterSpec(StrictModel):
 
 
 class FinetuneSpec(TrainSpec):
-    bundle: str = Field(description="pretrained bundle: a folder or a models:/NAME@ALIAS registry URI")
+    bundle: InputPath = Field(description="pretrained bundle: a folder or a models:/NAME@ALIAS registry URI")
     task: TaskSpec
     eval: EvalSpec = EvalSpec()
     registry: RegisterSpec | None = Field(None, description="register the result in the MLflow Model Registry")
@@ -122,11 +118,7 @@ class FinetuneSpec(TrainSpec):
 
 def load_train_spec(path: str | Path, cls: type[TrainSpec]) -> TrainSpec:
     """Load a spec; ``workdir``, ``data.root`` and a bundle folder are relative to the spec file."""
-    spec = load_yaml(path, cls)
-    targets = [(spec, "workdir"), (spec.data, "root")] + ([(spec, "bundle")] if isinstance(spec, FinetuneSpec) else [])
-    for obj, attr in targets:
-        setattr(obj, attr, resolve_path(getattr(obj, attr), Path(path).parent))
-    return spec
+    return load_yaml(path, cls)
 
 
 def load_pretrain_spec(path: str | Path) -> PretrainSpec:

@@ -88,43 +88,35 @@ def best_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (max if mode == "max" else min)(done, key=lambda r: r.score)
 
 
-def _record_trials(client, result: SweepResult) -> None:
+def _record_trials(result: SweepResult) -> None:
     """Each trial's status on its run (a tag, and the run's end state)."""
-    from mlflow.exceptions import MlflowException
-
+    uri = result.tracking_uri
     for row in result.rows:
-        try:
-            run = client.get_run(row.run_id) if row.run_id else None
-        except MlflowException:
-            run = None
-        if run is None:
+        status = tracking.run_status(uri, row.run_id) if row.run_id else None
+        if status is None:
             if row.run_id:
                 logging.getLogger(__name__).warning("trial %s: its MLflow run %s is not in %s", row.trial_id,
                                                     row.run_id, result.tracking_uri)
             continue
-        client.set_tag(row.run_id, f"{SWEEP_TAG}.status", row.status)
+        tracking.set_tags(uri, row.run_id, {f"{SWEEP_TAG}.status": row.status})
         # a trial stopped at a rung was killed mid-pretraining, whatever its run recorded then
         final = {"stopped": "KILLED", "error": "FAILED", "interrupted": "KILLED"}.get(row.status)
-        if final and run.info.status != final:
-            client.set_terminated(row.run_id, status=final)
+        if final and status != final:
+            tracking.set_status(uri, row.run_id, final)
 
 
 def record(sweep: Sweep, result: SweepResult) -> None:
     """Trial statuses on the child runs; the best trial, its score, every row and the scores plot on the
     sweep's run (the rows and the plot also in the experiment folder), which is then closed."""
-    from mlflow.tracking import MlflowClient
-
     uri, parent = result.tracking_uri, result.parent_run_id
-    client = MlflowClient(tracking_uri=uri)
-    _record_trials(client, result)
+    _record_trials(result)
     counts = {s: sum(r.status == s for r in result.rows) for s in ("done", "stopped", "error", "interrupted")}
     tracking.log_metrics(uri, parent, {f"trials_{k}": v for k, v in counts.items()}, step=0)
     if result.best is not None:
         tracking.log_metrics(uri, parent, {f"best/{result.metric}": result.best.score}, step=0)
         tags = {f"{SWEEP_TAG}.best_trial": result.best.trial_id, f"{SWEEP_TAG}.best_run_id": result.best.run_id or "",
                 **{f"{SWEEP_TAG}.best.{p}": json.dumps(v) for p, v in result.best.config.items()}}
-        for key, value in tags.items():
-            client.set_tag(parent, key, value)
+        tracking.set_tags(uri, parent, tags)
     folder = result.experiment_path
     folder.mkdir(parents=True, exist_ok=True)
     rows = folder / RESULTS_FILE
@@ -136,7 +128,7 @@ def record(sweep: Sweep, result: SweepResult) -> None:
     for path in (rows, result.plot):
         tracking.log_artifact(uri, parent, path)
     if result.interrupted:
-        client.set_terminated(parent, status="KILLED")
+        tracking.set_status(uri, parent, "KILLED")
     else:
         tracking.close_run(uri, parent, ok=True)
 

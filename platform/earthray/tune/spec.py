@@ -12,14 +12,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from earthray.config import ConfigError, StrictModel, format_validation_error, load_yaml, resolve_path, validate
+from earthray.config import (
+    ConfigError,
+    InputPath,
+    OutputPath,
+    StrictModel,
+    TrackingSpec,
+    format_validation_error,
+    load_yaml,
+    resolve_paths,
+    validate,
+)
 from earthray.data.manifest import load_manifest
 from earthray.evaluate import EvaluateSpec, load_evaluate_spec
 from earthray.recipes import get_recipe_class, resolve_config
@@ -80,14 +89,14 @@ class HeldoutSpec(StrictModel):
 
     group: str = Field(description="a shard group the model encodes")
     split: str = "val"
-    root: str | None = Field(None, description="ingest output folder; default: the base job's data.root")
+    root: InputPath | None = Field(None, description="ingest output folder; default: the base job's data.root")
     batch_size: int = Field(8, ge=1)
     seed: int = Field(0, description="fixes the masks, so every trial is scored on the same ones")
     decode_cpus: float = Field(0.25, gt=0)
 
 
 class ObjectiveSpec(StrictModel):
-    evaluate: str | dict[str, Any] | None = Field(
+    evaluate: InputPath | dict[str, Any] | None = Field(
         None, description="linear probe / kNN evaluation spec: a path (relative to the sweep file) or inline")
     heldout: HeldoutSpec | None = None
     metric: str = Field(description="evaluate: <method>/<score>, e.g. knn/miou; heldout: heldout/<loss term>")
@@ -124,15 +133,14 @@ class ResourcesSpec(StrictModel):
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs fit")
 
 
-class SweepTrackingSpec(StrictModel):
-    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
+class SweepTrackingSpec(TrackingSpec):
     experiment: str = "earthray-sweep"
 
 
 class SweepSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="sweep name: running it again resumes it")
-    workdir: str = "work"
-    base: str = Field(description="the pretraining job spec every trial starts from (relative to the sweep file)")
+    workdir: OutputPath = "work"
+    base: InputPath = Field(description="the pretraining job spec every trial starts from (relative to the sweep file)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="fixed values for every trial, by field path")
     space: dict[str, Distribution] = Field(min_length=1, description="field path -> distribution")
     objective: ObjectiveSpec
@@ -246,8 +254,7 @@ class Sweep:
 
     @property
     def tracking_uri(self) -> str:
-        return (self.spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{Path(self.spec.workdir, 'mlflow.db').resolve()}")
+        return self.spec.tracking.uri(self.spec.workdir)
 
     @property
     def experiment_path(self) -> Path:
@@ -284,10 +291,7 @@ class Sweep:
 def _load_evaluation(value: str | dict, here: Path, source: str) -> EvaluateSpec:
     if isinstance(value, str):
         return load_evaluate_spec(here / value)
-    spec = validate(EvaluateSpec, value, f"{source}: objective.evaluate")
-    spec.workdir = resolve_path(spec.workdir, here)
-    spec.data.root = resolve_path(spec.data.root, here)
-    return spec
+    return resolve_paths(validate(EvaluateSpec, value, f"{source}: objective.evaluate"), here)
 
 
 def _check_objective(sweep: Sweep, source: str) -> None:
@@ -319,8 +323,7 @@ def load_sweep(path: str | Path) -> Sweep:
     source = str(path)
     spec = load_yaml(path, SweepSpec)
     here = Path(path).resolve().parent
-    spec.workdir = resolve_path(spec.workdir, here)
-    base_path = here / spec.base
+    base_path = Path(spec.base)
     if not base_path.is_file():
         raise ConfigError(f"{source}: base: no job spec at {base_path}")
     base = load_pretrain_spec(base_path)
@@ -353,8 +356,7 @@ def load_sweep(path: str | Path) -> Sweep:
     evaluation = _load_evaluation(o.evaluate, here, source) if o.evaluate is not None else None
     heldout = None
     if o.heldout is not None:
-        heldout = o.heldout.model_copy(update={"root": resolve_path(o.heldout.root, here) if o.heldout.root
-                                               else base.data.root})
+        heldout = o.heldout.model_copy(update={"root": o.heldout.root or base.data.root})
     sweep = Sweep(spec, source, base, evaluation, heldout)
     _check_objective(sweep, source)
     return sweep

@@ -81,7 +81,6 @@ def _new_tuner(sweep: Sweep, trainable, concurrency: int, verbose: int):
 def run_sweep(sweep: Sweep, *, verbose: int = 1) -> SweepResult:
     """Run (or resume) the sweep; returns every trial's row and the best, recorded in MLflow."""
     import ray
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
     s = sweep.spec
@@ -101,9 +100,7 @@ def run_sweep(sweep: Sweep, *, verbose: int = 1) -> SweepResult:
               **s.model_dump(include={"base", "space", "overrides", "objective", "search", "scheduler", "resources"},
                              exclude_none=True)}
     parent = tracking.open_run(uri, s.tracking.experiment, s.name, params, Path(s.workdir, "mlartifacts"))
-    client = MlflowClient(tracking_uri=uri)
-    client.set_tag(parent, SWEEP_TAG, s.name)
-    client.set_tag(parent, f"{SWEEP_TAG}.role", "parent")
+    tracking.set_tags(uri, parent, {SWEEP_TAG: s.name, f"{SWEEP_TAG}.role": "parent"})
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=_plan(sweep, parent)),

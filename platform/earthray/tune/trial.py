@@ -30,15 +30,11 @@ SWEEP_TAG = "earthray.sweep"
 
 def _open_child(plan: dict, job, config: dict) -> str:
     """The trial's MLflow run (also the one its pretraining logs into), a child of the sweep's run."""
-    from mlflow.tracking import MlflowClient
-
     uri = plan["tracking_uri"]
     run_id = tracking.open_run(uri, plan["experiment"], job.name, {**job.model_dump(), "trial": config},
                                Path(plan["workdir"], "mlartifacts"))
-    client = MlflowClient(tracking_uri=uri)
-    for key, value in {"mlflow.parentRunId": plan["parent_run_id"], SWEEP_TAG: plan["sweep"],
-                       f"{SWEEP_TAG}.role": "trial", f"{SWEEP_TAG}.trial_id": plan["trial_id"]}.items():
-        client.set_tag(run_id, key, value)
+    tracking.set_tags(uri, run_id, {"mlflow.parentRunId": plan["parent_run_id"], SWEEP_TAG: plan["sweep"],
+                                    f"{SWEEP_TAG}.role": "trial", f"{SWEEP_TAG}.trial_id": plan["trial_id"]})
     return run_id
 
 

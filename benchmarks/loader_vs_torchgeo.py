@@ -1,0 +1,176 @@
+"""Chip loading: earthray's shard streaming against TorchGeo's GeoTIFF sampling, same scene, same cores, one run.
+
+    python benchmarks/loader_vs_torchgeo.py [--samples 2000] [--warmup 100] [--batch 16] [--cpus 2]
+    python benchmarks/loader_vs_torchgeo.py --quick      # a smoke run: a few hundred samples
+
+Needs TorchGeo (the ``bench`` extra: ``pip install -e '.[bench]'``).
+
+Both sides deliver 3 x 192 x 192 float32 chips of the bundled real Landsat 8 scene
+(``data/sample/landsat8_parana``, bands B2, B3, B4 as three one-band GeoTIFFs) in batches of
+``--batch``, on ``--cpus`` cores:
+
+* earthray: the scene is ingested once (not timed) into Parquet shards, chip size 192, the
+  default row-group size, with a stride small enough that the shards hold at least as many
+  distinct chips as are read (chips overlap, as TorchGeo's random windows do). Timed:
+  ``read_group(root, group).iter_torch_batches(batch_size=...)`` on a local Ray started with
+  ``num_cpus=--cpus`` (Parquet read, decode and per-band normalisation in Ray Data tasks).
+* TorchGeo: a ``RasterDataset`` over the same three band files (``separate_files``), a
+  ``RandomGeoSampler(size=192, length=...)`` and ``DataLoader(num_workers=--cpus,
+  collate_fn=stack_samples)``: each sample is a windowed read of the GeoTIFFs, cast to float32
+  (no normalisation). Ray is shut down before this side runs.
+
+Each side makes a warm-up pass of ``--warmup`` samples (worker processes, imports, page cache),
+then one timed pass of ``--samples`` samples, from creating the iterator to its last batch: the
+start-up of a pass (Ray Data's executor; the DataLoader's worker processes) is inside it, and so
+nothing is read ahead before the clock starts (timing only the tail of one long pass would let
+Ray Data's read-ahead fill its buffers untimed). The time to the first batch is shown beside it.
+Reported: samples/s and MB/s (bytes of the float32 image tensors delivered, 1 MB = 1e6 bytes)
+for each, and the ratio earthray / TorchGeo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import rasterio
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENE = ROOT / "data/sample/landsat8_parana"
+BANDS = ["B2", "B3", "B4"]
+CHIP = 192
+SENSOR = "landsat8_oli_tirs"
+INSTALL = "pip install -e '.[bench]'"
+
+
+def _stride(width: int, height: int, chip: int, needed: int) -> int:
+    """The largest stride whose chip grid over the scene holds ``needed`` chips (1 if none does)."""
+    for s in range(max(width, height), 0, -1):
+        if ((width - chip) // s + 1) * ((height - chip) // s + 1) >= needed:
+            return s
+    return 1
+
+
+def _timed(batches: Iterable[dict], key: str) -> tuple[float, float, int, int]:
+    """One whole pass, from creating its iterator to its last batch: (seconds, seconds to the first
+    batch, samples, bytes of the ``key`` tensors)."""
+    start = time.perf_counter()
+    first, samples, nbytes = None, 0, 0
+    for batch in batches:
+        x = batch[key]
+        first = first or time.perf_counter() - start
+        samples += x.shape[0]
+        nbytes += x.numel() * x.element_size()
+    return time.perf_counter() - start, first or 0.0, samples, nbytes
+
+
+def earthray_side(work: Path, cpus: int, batch: int, warmup: int, timed: int) -> tuple[float, float, int, int, str]:
+    import ray
+
+    from earthray.compat import loopback_only_local_ray
+    from earthray.data.ingest import ingest
+    from earthray.data.pipeline import read_group
+    from earthray.data.spec import IngestSpec
+    from earthray.runtime import ensure_ray
+
+    files = [str(next(SCENE.glob(f"*_{b}.TIF"))) for b in BANDS]
+    with rasterio.open(files[0]) as src:
+        width, height = src.width, src.height
+    stride = _stride(width, height, CHIP, max(warmup, timed) * batch)
+    loopback_only_local_ray()  # as ensure_ray starts a local Ray: on 127.0.0.1 only
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ensure_ray()  # joins the Ray just started; quiets Ray Data's progress output
+    try:
+        root = work / "shards"
+        manifest = ingest(IngestSpec(output=str(root), chip_size=CHIP, stride=stride, min_valid_fraction=0.0, inputs=[
+            {"name": "landsat8_parana", "sensors": {SENSOR: {"stack": files, "bands": BANDS}}}]))
+        group = next(iter(manifest["groups"]))
+        chips = manifest["counts"]["total"]
+        if chips < timed * batch:
+            raise SystemExit(f"the shards hold {chips} chips, fewer than the {timed * batch} to be read")
+        ds = read_group(root, group)
+        _timed(ds.limit(warmup * batch).iter_torch_batches(batch_size=batch), SENSOR)  # warm-up pass
+        secs, first, n, nbytes = _timed(ds.limit(timed * batch).iter_torch_batches(batch_size=batch), SENSOR)
+    finally:
+        ray.shutdown()
+    note = (f"earthray: {chips} chips of {CHIP} px (stride {stride}) ingested from a {width}x{height} scene, "
+            f"group {group!r}")
+    return secs, first, n, nbytes, note
+
+
+def torchgeo_side(cpus: int, batch: int, warmup: int, timed: int) -> tuple[float, float, int, int, str]:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchgeo.datasets import RasterDataset, stack_samples
+    from torchgeo.samplers import RandomGeoSampler
+
+    class Landsat8L1(RasterDataset):
+        """Landsat 8 Collection 1 Level-1 scenes, one GeoTIFF per band (``..._RT_B2.TIF``)."""
+
+        filename_glob = f"LC08_*_{BANDS[0]}.TIF"  # one file per scene; the other bands via the band group
+        filename_regex = r"""
+            ^LC08_(?P<level>[A-Z0-9]{4})
+            _(?P<wrs>\d{6})
+            _(?P<date>\d{8})
+            _\d{8}_\d{2}_(?P<category>[A-Z0-9]{2})
+            _(?P<band>B\d+)
+            \.TIF$
+        """
+        date_format = "%Y%m%d"
+        separate_files = True
+        all_bands = tuple(BANDS)
+        rgb_bands = ("B4", "B3", "B2")
+
+    torch.manual_seed(0)
+    ds = Landsat8L1(paths=str(SCENE), bands=BANDS)
+
+    def loader(samples: int) -> DataLoader:
+        sampler = RandomGeoSampler(ds, size=CHIP, length=samples)
+        return DataLoader(ds, sampler=sampler, batch_size=batch, num_workers=cpus, collate_fn=stack_samples)
+
+    _timed(loader(warmup * batch), "image")  # warm-up pass
+    secs, first, n, nbytes = _timed(loader(timed * batch), "image")
+    return secs, first, n, nbytes, f"TorchGeo: random {CHIP} px windows of {', '.join(ds.files)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=2000, help="timed samples per side (rounded up to whole batches)")
+    ap.add_argument("--warmup", type=int, default=100, help="samples consumed before timing starts")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cpus", type=int, default=2, help="Ray's num_cpus; the DataLoader's num_workers")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 320 samples after 32")
+    args = ap.parse_args()
+    if args.quick:
+        args.samples, args.warmup = 320, 32
+    try:
+        import torchgeo  # noqa: F401
+    except ImportError:
+        print(f"TorchGeo is not installed; install the bench extra: {INSTALL}", file=sys.stderr)
+        sys.exit(2)
+
+    warmup, timed = math.ceil(args.warmup / args.batch), math.ceil(args.samples / args.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {"earthray read_group": earthray_side(Path(tmp), args.cpus, args.batch, warmup, timed)}
+    rows["TorchGeo RasterDataset"] = torchgeo_side(args.cpus, args.batch, warmup, timed)
+
+    for *_, note in rows.values():
+        print(note)
+    print(f"{timed * args.batch} samples timed per side (one pass, after a warm-up pass of {warmup * args.batch}), "
+          f"batch {args.batch}, {args.cpus} CPUs; 3x{CHIP}x{CHIP} float32 chips")
+    print(f"{'':26}{'seconds':>10}{'1st batch s':>13}{'samples/s':>12}{'MB/s':>10}")
+    rates = {}
+    for name, (secs, first, n, nbytes, _) in rows.items():
+        rates[name] = n / secs
+        print(f"{name:26}{secs:10.2f}{first:13.2f}{n / secs:12.1f}{nbytes / 1e6 / secs:10.1f}")
+    er, tg = rates.values()
+    print(f"ratio earthray / TorchGeo: {er / tg:.2f}")
+
+
+if __name__ == "__main__":
+    main()
