@@ -12,8 +12,11 @@ Both sides deliver 3 x 192 x 192 float32 chips of the bundled real Landsat 8 sce
 * earthray: the scene is ingested once (not timed) into Parquet shards, chip size 192, the
   default row-group size, with a stride small enough that the shards hold at least as many
   distinct chips as are read (chips overlap, as TorchGeo's random windows do). Timed:
-  ``read_group(root, group).iter_torch_batches(batch_size=...)`` on a local Ray started with
-  ``num_cpus=--cpus`` (Parquet read, decode and per-band normalisation in Ray Data tasks).
+  ``stream = open_group(root, group)`` then ``stream.dataset.iter_torch_batches(batch_size=...,
+  collate_fn=stream.collate)`` on a local Ray started with ``num_cpus=--cpus``: Ray Data reads
+  row groups as stored (uint16) in its tasks; each batch is decoded and normalised to float32 in
+  the iterator's prefetch thread. ``--decode-in-ray-data`` times the older path instead
+  (``read_group``: decode in a Ray Data ``map_batches`` stage, float32 through the object store).
 * TorchGeo: a ``RasterDataset`` over the same three band files (``separate_files``), a
   ``RandomGeoSampler(size=192, length=...)`` and ``DataLoader(num_workers=--cpus,
   collate_fn=stack_samples)``: each sample is a windowed read of the GeoTIFFs, cast to float32
@@ -69,13 +72,14 @@ def _timed(batches: Iterable[dict], key: str) -> tuple[float, float, int, int]:
     return time.perf_counter() - start, first or 0.0, samples, nbytes
 
 
-def earthray_side(work: Path, cpus: int, batch: int, warmup: int, timed: int) -> tuple[float, float, int, int, str]:
+def earthray_side(work: Path, cpus: int, batch: int, warmup: int, timed: int,
+                  in_ray_data: bool = False) -> tuple[float, float, int, int, str]:
     import ray
 
     from earthray.compat import loopback_only_local_ray
     from earthray.data.ingest import ingest
-    from earthray.data.pipeline import read_group
     from earthray.data.spec import IngestSpec
+    from earthray.data.stream import open_group
     from earthray.runtime import ensure_ray
 
     files = [str(next(SCENE.glob(f"*_{b}.TIF"))) for b in BANDS]
@@ -93,9 +97,15 @@ def earthray_side(work: Path, cpus: int, batch: int, warmup: int, timed: int) ->
         chips = manifest["counts"]["total"]
         if chips < timed * batch:
             raise SystemExit(f"the shards hold {chips} chips, fewer than the {timed * batch} to be read")
-        ds = read_group(root, group)
-        _timed(ds.limit(warmup * batch).iter_torch_batches(batch_size=batch), SENSOR)  # warm-up pass
-        secs, first, n, nbytes = _timed(ds.limit(timed * batch).iter_torch_batches(batch_size=batch), SENSOR)
+        stream = open_group(root, group)
+
+        def batches(k: int):
+            if in_ray_data:
+                return stream.decoded().limit(k * batch).iter_torch_batches(batch_size=batch)
+            return stream.dataset.limit(k * batch).iter_torch_batches(batch_size=batch, collate_fn=stream.collate)
+
+        _timed(batches(warmup), SENSOR)  # warm-up pass
+        secs, first, n, nbytes = _timed(batches(timed), SENSOR)
     finally:
         ray.shutdown()
     note = (f"earthray: {chips} chips of {CHIP} px (stride {stride}) ingested from a {width}x{height} scene, "
@@ -145,6 +155,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="Ray's num_cpus; the DataLoader's num_workers")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 320 samples after 32")
+    ap.add_argument("--decode-in-ray-data", action="store_true",
+                    help="earthray decodes in a Ray Data map_batches stage (the path before decode-on-consumer)")
     args = ap.parse_args()
     if args.quick:
         args.samples, args.warmup = 320, 32
@@ -156,7 +168,8 @@ def main() -> None:
 
     warmup, timed = math.ceil(args.warmup / args.batch), math.ceil(args.samples / args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {"earthray read_group": earthray_side(Path(tmp), args.cpus, args.batch, warmup, timed)}
+        name = "earthray decode in Ray Data" if args.decode_in_ray_data else "earthray open_group"
+        rows = {name: earthray_side(Path(tmp), args.cpus, args.batch, warmup, timed, args.decode_in_ray_data)}
     rows["TorchGeo RasterDataset"] = torchgeo_side(args.cpus, args.batch, warmup, timed)
 
     for *_, note in rows.values():

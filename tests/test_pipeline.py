@@ -18,7 +18,8 @@ import torch
 
 from earthray.data import schema
 from earthray.data.augment import flip_rotate
-from earthray.data.pipeline import GroupReader, decode, interleave, read_group
+from earthray.data.pipeline import GroupReader, decode, interleave
+from earthray.data.stream import read_group
 from earthray.sensors import ValueTransform, get_sensor
 
 SPLITS = ("train", "val", "test")

@@ -305,7 +305,7 @@ def test_heldout_scores_read_series_as_the_job_trained(sweeps, root, monkeypatch
     import ray.data
 
     from earthray import tracking
-    from earthray.data import pipeline
+    from earthray.data import stream
     from earthray.tune.scoring import score_encoder
     from earthray.tune.spec import job_data
 
@@ -318,13 +318,13 @@ def test_heldout_scores_read_series_as_the_job_trained(sweeps, root, monkeypatch
     run_id = tracking.open_run(result.tracking_uri, "heldout-check", "heldout-check", {}, folder / "mlartifacts")
     plan = {"evaluation": None, "heldout": {"group": GROUP, "root": root}, "metric": "heldout/loss",
             "tracking_uri": result.tracking_uri}
-    read, dates = pipeline.read_group, []
+    read, dates = stream.open_group, []
 
     def spy(*args, **kwargs):
         dates.append(kwargs.get("max_dates"))
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "read_group", spy)
+    monkeypatch.setattr(stream, "open_group", spy)
     context = ray.data.DataContext.get_current().execution_options
     order = context.preserve_order
     try:

@@ -1,10 +1,9 @@
-"""Shards -> decoded, normalised batches in the recipe layout, streamed by Ray Data.
+"""Shard rows -> normalised batches in the recipe layout (``decode``), and per-group stream interleaving.
 
-``read_group`` never materialises a dataset: Ray Data streams row groups from the
-Parquet files and decodes them in parallel tasks; each Ray Train worker then pulls its
-share with ``get_dataset_shard``. Everything needed to decode comes from the manifest.
-Random augmentation happens later, on the batch (``earthray.data.augment``), where the
-training step is known, so it is reproducible and differs from epoch to epoch.
+Everything needed to decode comes from the manifest (``GroupReader``). ``earthray.data.stream``
+streams the rows with Ray Data and runs ``decode`` where they are consumed. Random augmentation
+happens later, on the batch (``earthray.data.augment``), where the training step is known, so it
+is reproducible and differs from epoch to epoch.
 """
 
 from __future__ import annotations
@@ -13,12 +12,11 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from earthray.data.manifest import label_layer, load_manifest
+from earthray.data.manifest import label_layer
 from earthray.errors import DataError, NotFound
 from earthray.sensors import STD_FLOOR, ValueTransform
 
@@ -168,32 +166,6 @@ def _decode_series(table, name, reader, norm, ids):
         doy[i, :t] = [dates[i][j].timetuple().tm_yday for j in pick]
         tmask[i, :t] = True
     return x, valid, doy, tmask
-
-
-def read_group(root: str | Path, group: str, split: str | None = None, *, max_dates: int = 16, seed: int = 0,
-               num_cpus: float = 0.5, manifest: dict | None = None, normalisation: dict[str, dict] | None = None,
-               labels: bool = True, label: str | None = None, sensors: list[str] | None = None):
-    """A streaming Ray Dataset of one group's decoded rows (optionally one split); ``normalisation`` and
-    ``label`` (the layer delivered as ``batch["label"]``) as in ``GroupReader.from_manifest``;
-    ``labels=False`` leaves labels out (self-supervised pretraining); ``sensors`` keeps only those of
-    the group's sensors (None: all)."""
-    import ray.data
-    from ray.data.expressions import col
-
-    manifest = manifest or load_manifest(root)
-    reader = GroupReader.from_manifest(manifest, group, max_dates, seed, normalisation, label)
-    if sensors is not None:
-        reader = reader.only(sensors)
-    if not labels and reader.label:
-        reader.columns.remove(reader.label)
-        reader.label = None
-    files = [str(Path(root) / f) for f in manifest["groups"][group]["files"]]
-    if not files:
-        raise DataError(f"{root}: group {group!r} has no shards (every scene quarantined?)")
-    ds = ray.data.read_parquet(files).select_columns(reader.columns)
-    if split:
-        ds = ds.filter(expr=col("split") == split)
-    return ds.map_batches(decode, fn_kwargs={"reader": reader}, batch_format="pyarrow", num_cpus=num_cpus)
 
 
 def interleave(batches: dict[str, Iterable]) -> Iterator[tuple[str, dict]]:

@@ -13,7 +13,7 @@ from earthray.bundle import Bundle
 from earthray.config import ConfigError
 from earthray.data.batch import IGNORE
 from earthray.data.manifest import label_layer, load_manifest
-from earthray.data.pipeline import read_group
+from earthray.data.stream import read_group
 from earthray.errors import DataError
 from earthray.evaluate.inputs import BandMap, input_mapping, model_inputs
 from earthray.evaluate.spec import EvaluateSpec

@@ -138,7 +138,8 @@ class MetricLogger:
 
 def evaluate_shards(strategy, shards: dict, batch_size: int, rank: int, world: int,
                     cache: EpochCache | None = None) -> dict[str, float]:
-    """The task's torchmetrics over the held-out split, reduced across workers.
+    """The task's torchmetrics over the held-out split, reduced across workers. ``shards``: name -> a
+    callable giving that shard's torch batches (its ``iter_torch_batches`` with the stream's collate).
 
     Every worker streams the whole (unsplit) held-out set and scores every ``world``-th batch:
     Ray Train's split drops rows to even out shards, which would change the metrics."""
@@ -147,7 +148,7 @@ def evaluate_shards(strategy, shards: dict, batch_size: int, rank: int, world: i
     model.eval()
     cache = cache or EpochCache(0)
     for name, shard in shards.items():
-        for i, batch in enumerate(cache(name, lambda shard=shard: shard.iter_torch_batches(batch_size=batch_size))):
+        for i, batch in enumerate(cache(name, lambda shard=shard: shard(batch_size=batch_size))):
             if i % world == rank:
                 with strategy.autocast():
                     model.update_metrics(metrics, strategy.cast(batch))

@@ -17,7 +17,7 @@ from earthray import tracking
 from earthray.bundle import Bundle, load_bundle, local_bundle, save_bundle
 from earthray.config import ConfigError
 from earthray.data.manifest import label_layer, load_manifest
-from earthray.data.pipeline import read_group
+from earthray.data.stream import open_group
 from earthray.registry import RegisteredBundle, register_bundle
 from earthray.runtime import ensure_ray
 from earthray.sensors import STD_FLOOR
@@ -92,20 +92,20 @@ def finetune(spec: FinetuneSpec, callbacks: list | None = None) -> FinetuneResul
 
     def stream(group: str, split: str):
         try:
-            return read_group(spec.data.root, group, split, max_dates=spec.data.max_dates, seed=spec.seed,
+            return open_group(spec.data.root, group, split, max_dates=spec.data.max_dates, seed=spec.seed,
                               num_cpus=spec.data.decode_cpus, manifest=manifest, normalisation=feed,
                               label=spec.data.label, sensors=spec.data.sensors)
         except ValueError as e:
             raise ConfigError(f"{spec.bundle}: {e}") from None
 
-    datasets = {g: stream(g, spec.data.split) for g in groups} | {f"eval.{g}": stream(g, spec.eval.split)
-                                                                  for g in groups}
+    streams = {g: stream(g, spec.data.split) for g in groups} | {f"eval.{g}": stream(g, spec.eval.split)
+                                                                 for g in groups}
     workdir = Path(spec.workdir)
     run_id = tracking.open_run(spec.tracking_uri, spec.tracking.experiment, spec.name, spec.model_dump(),
                                workdir / "mlartifacts")
     loop_config = {"kind": "finetune", "sensors": [s.model_dump() for s in sensors], "task": task.model_dump(),
                    "bundle_path": str(bundle_path)}
-    result = fit(spec, loop_config, datasets, run_id, callbacks, split=groups)
+    result = fit(spec, loop_config, streams, run_id, callbacks, split=groups)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     scores = {k: v for k, v in metrics.items() if k.startswith("val_") and not math.isnan(v)}  # NaN: undefined
     checkpoint = Path(result.checkpoint.path)

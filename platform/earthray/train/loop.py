@@ -77,12 +77,13 @@ def train_loop(config: dict) -> None:
         from earthray import tracking
 
         tracking.log_metrics(loop.tracking_uri, loop.run_id, {"resumed_from_step": state.step}, state.step)
-    held_out = {g: ray.train.get_dataset_shard(f"eval.{g}") for g in spec.data.groups} \
-        if isinstance(spec, FinetuneSpec) else {}
+    # name -> iter_torch_batches of this worker's shard, decoding with the stream's collate
+    batches = {name: partial(ray.train.get_dataset_shard(name).iter_torch_batches, collate_fn=collate)
+               for name, collate in config["collate"].items()}
+    held_out = {g: batches[f"eval.{g}"] for g in spec.data.groups} if isinstance(spec, FinetuneSpec) else {}
     logger = MetricLogger(spec, rank, world, loop.tracking_uri, loop.run_id, progress)
     validator = Validator(spec, held_out, rank, world, loop.tracking_uri, loop.run_id, progress)
     previewer = Previewer(spec, rank, loop.tracking_uri, loop.run_id)
-    shards = {g: ray.train.get_dataset_shard(g) for g in spec.data.groups}
     names = [s.name for s in loop.sensors]
     cache, skip, accum = EpochCache(spec.data.cache_mb), state.micro, 0
     progress.start(state.step)
@@ -90,7 +91,7 @@ def train_loop(config: dict) -> None:
     while state.step < spec.max_steps:
         # rows are mixed anew each epoch, repeatably (a resumed epoch sees the same order)
         order = hash((spec.seed, state.epoch, rank)) & 0x7FFFFFFF if spec.data.shuffle_buffer else None
-        streams = {g: cache(g, partial(shards[g].iter_torch_batches, batch_size=bs, drop_last=True,
+        streams = {g: cache(g, partial(batches[g], batch_size=bs, drop_last=True,
                                        local_shuffle_buffer_size=spec.data.shuffle_buffer or None,
                                        local_shuffle_seed=order), seed=order)
                    for g, bs in spec.data.groups.items()}

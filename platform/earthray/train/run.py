@@ -8,7 +8,7 @@ from pathlib import Path
 from earthray import tracking
 from earthray.config import ConfigError
 from earthray.data.manifest import load_manifest
-from earthray.data.pipeline import read_group
+from earthray.data.stream import GroupStream, open_group
 from earthray.recipes import get_recipe_class, resolve_config
 from earthray.runtime import ensure_ray
 from earthray.sensors import STD_FLOOR, Sensor, default_catalogue
@@ -57,11 +57,12 @@ def sensors_of(manifest: dict, groups: list[str], only: list[str] | None = None)
     return out
 
 
-def fit(spec: TrainSpec, loop_config: dict, datasets: dict, run_id: str, callbacks: list | None = None,
-        split: list[str] | None = None):
+def fit(spec: TrainSpec, loop_config: dict, streams: dict[str, GroupStream], run_id: str,
+        callbacks: list | None = None, split: list[str] | None = None):
     """Run ``train_loop`` on Ray Train workers for ``spec``; the MLflow run is marked failed if it fails.
 
-    ``split``: the datasets sharded across workers (default all); the others reach every worker whole."""
+    ``split``: the streams sharded across workers (default all); the others reach every worker whole.
+    Each worker is given every stream's collate beside its shard (``collate`` in its config)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -69,14 +70,15 @@ def fit(spec: TrainSpec, loop_config: dict, datasets: dict, run_id: str, callbac
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=LoopConfig(**loop_config, spec=spec.model_dump(), run_id=run_id,
-                                     tracking_uri=spec.tracking_uri).model_dump(mode="json"),
+                                     tracking_uri=spec.tracking_uri).model_dump(mode="json")
+        | {"collate": {name: s.collate for name, s in streams.items()}},
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                      resources_per_worker={"CPU": w.cpus_per_worker, **w.resources}),
         run_config=RunConfig(name=spec.name, storage_path=spec.storage_path,
                              failure_config=FailureConfig(max_failures=spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
                              callbacks=callbacks),
-        datasets=datasets,
+        datasets={name: s.dataset for name, s in streams.items()},
         dataset_config=DataConfig(datasets_to_split=split if split is not None else "all"),
     )
     try:
@@ -93,14 +95,14 @@ def pretrain(spec: PretrainSpec, callbacks: list | None = None) -> PretrainResul
     sensors = sensors_of(manifest, list(spec.data.groups), spec.data.sensors)
     config = resolve_config(spec.recipe, spec.preset, **spec.model)
     ensure_ray(spec.address, preserve_order=True)
-    datasets = {g: read_group(spec.data.root, g, spec.data.split, max_dates=spec.data.max_dates, seed=spec.seed,
-                              num_cpus=spec.data.decode_cpus, manifest=manifest, labels=False,
-                              sensors=spec.data.sensors)
-                for g in spec.data.groups}
+    streams = {g: open_group(spec.data.root, g, spec.data.split, max_dates=spec.data.max_dates, seed=spec.seed,
+                             num_cpus=spec.data.decode_cpus, manifest=manifest, labels=False,
+                             sensors=spec.data.sensors)
+               for g in spec.data.groups}
     workdir = Path(spec.workdir)
     run_id = tracking.open_run(spec.tracking_uri, spec.tracking.experiment, spec.name, spec.model_dump(),
                                workdir / "mlartifacts")
-    result = fit(spec, {"kind": "pretrain", "sensors": [s.model_dump() for s in sensors]}, datasets, run_id,
+    result = fit(spec, {"kind": "pretrain", "sensors": [s.model_dump() for s in sensors]}, streams, run_id,
                  callbacks)
     checkpoint = Path(result.checkpoint.path)
     bundle = export_bundle(spec, sensors, config.model_dump(), checkpoint, run_id, workdir / "bundles" / spec.name)

@@ -33,18 +33,18 @@ def heldout_losses(bundle: str | Path, spec: HeldoutSpec, max_dates: int) -> dic
     import torch
 
     from earthray.bundle import load_bundle
-    from earthray.data.pipeline import read_group
+    from earthray.data.stream import open_group
 
     loaded = load_bundle(str(bundle))
     ensure_ray(None, preserve_order=True)
-    ds = read_group(spec.root, spec.group, spec.split, max_dates=max_dates, seed=spec.seed,
+    stream = open_group(spec.root, spec.group, spec.split, max_dates=max_dates, seed=spec.seed,
                     num_cpus=spec.decode_cpus, labels=False, normalisation=loaded.input_stats())
     model = loaded.model.eval()
     torch.manual_seed(spec.seed)
     sums: dict[str, float] = {}
     count = 0
     with torch.no_grad():
-        for batch in ds.iter_torch_batches(batch_size=spec.batch_size):
+        for batch in stream.dataset.iter_torch_batches(batch_size=spec.batch_size, collate_fn=stream.collate):
             n = len(next(iter(batch.values())))
             for key, value in model(batch).items():
                 sums[key] = sums.get(key, 0.0) + float(value) * n
