@@ -1,6 +1,6 @@
 """Chip loading: earthray's shard streaming against TorchGeo's GeoTIFF sampling, same scene, same cores, one run.
 
-    python benchmarks/loader_vs_torchgeo.py [--samples 2000] [--warmup 100] [--batch 16] [--cpus 2]
+    python benchmarks/loader_vs_torchgeo.py [--samples 2000] [--warmup 2000] [--batch 16] [--cpus 2]
     python benchmarks/loader_vs_torchgeo.py --quick      # a smoke run: a few hundred samples
 
 Needs TorchGeo (the ``bench`` extra: ``pip install -e '.[bench]'``).
@@ -151,7 +151,7 @@ def torchgeo_side(cpus: int, batch: int, warmup: int, timed: int) -> tuple[float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000, help="timed samples per side (rounded up to whole batches)")
-    ap.add_argument("--warmup", type=int, default=100, help="samples consumed before timing starts")
+    ap.add_argument("--warmup", type=int, default=2000, help="samples consumed before timing starts (a pass as long as the timed one starts every Ray worker process the timed pass uses)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="Ray's num_cpus; the DataLoader's num_workers")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 320 samples after 32")

@@ -61,7 +61,7 @@ class ShardSource(Datasource):
 
     def __init__(self, files: list[str], columns: list[str], split: str | None = None, task_bytes: int = TASK_BYTES):
         super().__init__()
-        self.files, self.columns, self.split, self.task_bytes = files, columns, split, task_bytes
+        self.columns, self.split = columns, split
         self.runs: list[tuple[str, list[int], int, int]] = []  # (file, row groups, rows, uncompressed bytes)
         for path in files:
             try:
@@ -70,7 +70,8 @@ class ShardSource(Datasource):
                 raise DataError(f"{path}: not a readable Parquet shard ({e})") from None
             run, rows, size = [], 0, 0
             for g in range(meta.num_row_groups):
-                run, rows, size = run + [g], rows + meta.row_group(g).num_rows, size + meta.row_group(g).total_byte_size
+                run.append(g)
+                rows, size = rows + meta.row_group(g).num_rows, size + meta.row_group(g).total_byte_size
                 if size >= task_bytes or g == meta.num_row_groups - 1:
                     self.runs.append((path, run, rows, size))
                     run, rows, size = [], 0, 0

@@ -24,7 +24,7 @@ class DataSpec(StrictModel):
     shuffle_buffer: int = Field(1024, ge=0, description="rows per worker and group mixed before batching, with an "
                                 "order drawn anew each epoch (shards keep chips in scene order: without it a batch "
                                 "is one small area); 0: shard order")
-    decode_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data decode task")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data read task (batches are decoded by the worker that consumes them)")
     cache_mb: float = Field(512, ge=0, description="per worker and group: keep a group's batches in memory after "
                             "one epoch when they fit (small sets skip a stream restart per epoch); 0: never")
 
