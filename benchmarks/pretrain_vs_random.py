@@ -114,8 +114,12 @@ def main() -> None:
         pairs = list(zip(rows[(mode, "pretrained")], rows[(mode, "random init")]))
         gains = [p["val_miou"] - r["val_miou"] for p, r in pairs]
         sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+        oa = [p["val_oa"] - r["val_oa"] for p, r in pairs]
         print(f"gain ({mode} encoder): mIoU {statistics.mean(gains):+.4f} (paired sd {sd:.4f}, "
-              f"pretrained ahead in {sum(g > 0 for g in gains)} of {len(gains)} seeds)")
+              f"pretrained ahead in {sum(g > 0 for g in gains)} of {len(gains)} seeds); OA {statistics.mean(oa):+.4f} "
+              f"(ahead in {sum(g > 0 for g in oa)})")
+        print("  mIoU averages the classes each run scores: a class no held-out pixel has counts 0 for a run that "
+              "predicts it and is left out for one that does not, so read it beside OA and the classes below")
         classes = [k for k in pairs[0][0] if k.startswith("val_iou_")]
         print(f"  IoU per class, mean over seeds ({mode} encoder):")
         print(f"  {'class':16} {'pretrained':>10} {'random':>8} {'gain':>8}")

@@ -126,7 +126,10 @@ def ray_session():
     """A Ray of the run's own: "local" ignores RAY_ADDRESS and any cluster this machine has recorded."""
     import ray
 
+    from earthray import compat
+
     if not ray.is_initialized():
+        compat.loopback_only_local_ray()  # as the CLI's local Ray: nothing of the test run listens outward
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     yield ray

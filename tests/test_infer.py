@@ -253,6 +253,15 @@ def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
     assert run.returncode == 2 and "model.safetensors sha256 mismatch" in " ".join(run.stderr.split())
     assert "Traceback" not in run.stderr and run.stderr.strip().startswith("error:"), run.stderr  # one (wrapped) line
     assert run.stderr.count("error:") == 1, run.stderr
+    # bundle.json edited (its weights still pass their sha256s): the driver rebuilds the recipe on the meta
+    # device and compares shapes, so this is one line too, not a failure in every inference actor
+    edited = Path(shutil.copytree(bundle, tmp_path / "edited"))
+    meta = json.loads((edited / "bundle.json").read_text())
+    meta["config"]["embed_dim"] *= 2
+    (edited / "bundle.json").write_text(json.dumps(meta))
+    spec.write_text(f"model: {edited}\nscenes: [{scene_file}]\noutput: out\n")
+    with pytest.raises(ConfigError, match=r"model.safetensors does not fit recipe .*other shape"):
+        infer(load_infer_spec(spec))
     shipped = load_infer_spec(ROOT / "jobs" / "infer-landcover.yaml")
     assert shipped.model == "models:/landcover@champion" and shipped.scenes[0][0].endswith("lsat7_2000_10.tif")
     assert shipped.output == str(ROOT / "work" / "inference" / "landcover")

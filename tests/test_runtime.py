@@ -3,6 +3,7 @@ not answer is one line at once, and a local Ray listens on loopback only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -10,8 +11,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
 from earthray.config import ConfigError
@@ -34,6 +37,19 @@ def ray_tmp(monkeypatch):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def grpc_endpoint():
+    """A live gRPC server's ``host:port``: what a GCS or a Ray Client server is, at the protocol ``answers``
+    checks."""
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
 def record(ray_tmp: Path, address: str) -> None:
     """What ``ray start`` (or ray.cluster_utils.Cluster) writes, and a killed head leaves behind."""
     (ray_tmp / "ray").mkdir(exist_ok=True)
@@ -52,12 +68,24 @@ def test_a_stale_record_is_ignored(ray_tmp, caplog):
 
 
 def test_a_live_record_is_joined(ray_tmp):
+    with grpc_endpoint() as live:
+        record(ray_tmp, live)
+        assert resolve_address(None) == live
+
+
+def test_a_listener_that_is_not_ray_is_refused_at_once(ray_tmp):
+    """``ray.init`` waits forever on a port where something else listens (measured: > 300 s on a plain
+    TCP listener); the address check speaks HTTP/2 to it first."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        live = f"127.0.0.1:{server.getsockname()[1]}"
-        record(ray_tmp, live)
-        assert resolve_address(None) == live
+        other = f"127.0.0.1:{server.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=f"no Ray cluster answers at {other}"):
+            resolve_address(other)
+        with pytest.raises(ConfigError, match=f"no Ray cluster answers at ray://{other}"):
+            resolve_address(f"ray://{other}")
+        assert time.monotonic() - started < 10
 
 
 def test_unreachable_explicit_addresses_are_config_errors(ray_tmp, monkeypatch):
@@ -78,11 +106,8 @@ def test_a_dead_ray_client_address_is_one_line_at_once(ray_tmp):
     assert time.monotonic() - started < 10  # not Ray Client's 30+ s of retries
     message = str(refused.value)
     assert "\n" not in message and f"no Ray cluster answers at {dead}" in message and "--address local" in message
-    with socket.socket() as server:  # a live one is passed on to Ray
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        live = f"ray://127.0.0.1:{server.getsockname()[1]}"
-        assert resolve_address(live) == live
+    with grpc_endpoint() as live:  # a live one is passed on to Ray
+        assert resolve_address(f"ray://{live}") == f"ray://{live}"
 
 
 def test_auto_means_the_recorded_cluster_and_fails_at_once_without_one(ray_tmp):
@@ -94,10 +119,7 @@ def test_auto_means_the_recorded_cluster_and_fails_at_once_without_one(ray_tmp):
     record(ray_tmp, dead)
     with pytest.raises(ConfigError, match=f"auto: the cluster recorded at {dead} does not answer"):
         resolve_address("auto")
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        live = f"127.0.0.1:{server.getsockname()[1]}"
+    with grpc_endpoint() as live:
         record(ray_tmp, live)
         assert resolve_address("auto") == live
 

@@ -393,6 +393,11 @@ def bad_requests(scene, tmp_path):
          {"content": npy_header((6, SIZE, SIZE), "|u1") + bytes(100), "headers": npy}, 422, "100 bytes follow"),
         (".npy of Python objects", "landcover",
          {"content": npy_header((6, SIZE, SIZE), "|O") + bytes(64), "headers": npy}, 422, "integers or floats"),
+        (".npy with a negative dimension", "landcover",
+         {"content": npy_header((-6, SIZE, SIZE), "|u1") + bytes(64), "headers": npy}, 422, "at least 1"),
+        ("JSON integer of 5000 digits", "landcover",
+         {"content": b'{"array": [[[' + b"9" * 5000 + b"]]]}", "headers": {"content-type": "application/json"}},
+         400, "too long"),
         (".npy with a broken header", "landcover", {"content": b"\x93NUMPY\x01\x00\x10\x00{'descr': nonsense}"},
          422, "header is malformed"),
         ("JSON nested 100 000 deep", "landcover",
@@ -579,7 +584,27 @@ def test_a_model_whose_weights_break_after_start_is_a_json_503(client, scene, bu
     r = client.post("/models/fragile/predict", content=npy_bytes(np.where(valid, raw, 0).astype(np.uint8)))
     assert r.status_code == 503 and "model 'fragile' is unavailable" in r.json()["error"], r.text
     assert "sha256 mismatch" in r.json()["error"]
+    assert str(bundles["fragile"]) not in r.text and "/" not in r.json()["error"], r.text  # no server paths
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_config_asking_another_port_of_a_running_serve_is_refused(server, bundles, tmp_path):
+    """Serve's HTTP options are fixed while it runs (Ray only logs that new ones are ignored): deploying a
+    config on another port to the cluster where this Serve runs is one line naming both ports, and the
+    running apps go on answering."""
+    from earthray.config import ConfigError
+    from earthray.serve.run import run_config
+
+    running = int(server.rsplit(":", 1)[1])
+    path = tmp_path / "other-port.yaml"
+    path.write_text("applications:\n- name: other\n  route_prefix: /other\n"
+                    "  import_path: earthray.serve.app:build_app\n"
+                    f"  args: {{models: {{scenes: {bundles['classification']}}}}}\n")
+    with pytest.raises(ConfigError, match=f"Serve already runs on this Ray cluster, on 127.0.0.1:{running}.*"
+                                          f"--port {running}"):
+        run_config(path, port=running + 1, host="127.0.0.1", block=False, on_status=lambda s: None)
+    assert httpx.get(f"{server}/healthz").status_code == 200
+    assert httpx.get(f"{server}/-/routes").json() == {"/": "earthray", "/tight": "tight"}
 
 
 def test_serve_config_files_are_checked(bundles, tmp_path):

@@ -29,6 +29,7 @@ from earthray.serve.run import exposure_warning
 from serve_helpers import CLASSES, chip, landsat_scene, make_bundle, npy_bytes, scene_stats, tamper
 
 EARTHRAY = Path(sys.executable).parent / "earthray"
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "written-in-the-file-7f3a9c"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -69,11 +70,11 @@ def serve_env(ray_tmp: str | None = None) -> dict[str, str]:
     return env | ({"RAY_TMPDIR": ray_tmp} if ray_tmp else {})
 
 
-def refused(*args: str, timeout: float = 60) -> str:
-    """Run ``earthray serve ARGS`` that must fail at once: exit 2, one line, no traceback; its output."""
+def refused(*args: str, timeout: float = 60, command: str = "serve") -> str:
+    """Run ``earthray COMMAND ARGS`` that must fail at once: exit 2, one line, no traceback; its output."""
     started = time.monotonic()
-    run = subprocess.run([str(EARTHRAY), "serve", *args], capture_output=True, text=True, timeout=timeout,
-                         env=serve_env())
+    run = subprocess.run([str(EARTHRAY), command, *args], capture_output=True, text=True, timeout=timeout,
+                         env=serve_env(), cwd=ROOT)
     out = run.stdout + run.stderr.translate(str.maketrans("", "", "│╭╮╰╯─"))  # typer's usage errors come boxed
     assert run.returncode == 2, out
     assert "Traceback" not in out, out
@@ -102,6 +103,17 @@ def test_bad_input_is_refused_before_anything_starts(bundle, tmp_path):
         other.listen()
         port = other.getsockname()[1]
         assert f"port {port} on 127.0.0.1 is already in use" in refused(str(good), "--port", str(port))
+
+
+def test_quickstart_refuses_its_port_before_minutes_of_training():
+    """The quickstart serves at its last stages; a busy or impossible port is refused before the first."""
+    assert "Input should be less than or equal to 65535" in refused("--port", "70000", command="quickstart")
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        line = refused("--port", str(port), command="quickstart")
+    assert f"port {port} on 127.0.0.1 is already in use" in line and "ingest" not in line, line
 
 
 def test_a_public_host_without_a_token_is_warned_about(bundle):

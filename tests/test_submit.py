@@ -58,7 +58,8 @@ def _start_head(temp: str) -> tuple[subprocess.Popen, str]:
     gcs, dash, client, node, objects, agent, agent_grpc, env_agent, metrics = _free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN,
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM: stop now, no 30 s drain
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop now, no 30 s drain
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # a single-machine head: it listens on 127.0.0.1 only
     with open(f"{temp}/head.log", "a") as log:
         proc = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",

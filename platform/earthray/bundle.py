@@ -57,7 +57,18 @@ _REQUIRED = ("format_version", "recipe", "preset", "config", "sensors", "normali
 
 
 class BundleError(EarthrayError, ValueError):
-    """A bundle that cannot be loaded: missing or tampered files, bad metadata, unknown format."""
+    """A bundle that cannot be loaded: missing or tampered files, bad metadata, unknown format.
+
+    ``reason`` is the problem without the bundle's location, for answers to clients who must not learn
+    the server's paths; ``str()`` names both, for the operator.
+    """
+
+    def __init__(self, path: str | Path | None, reason: str):
+        super().__init__(f"{path}: {reason}" if path is not None else reason)
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # it crosses Ray's process boundaries: rebuild it from both parts
+        return type(self), (self.path, self.reason)
 
 
 @dataclass
@@ -327,7 +338,7 @@ def local_bundle(path: str | Path, tracking_uri: str | None = None) -> Path:
         try:
             return registry.fetch(str(path), tracking_uri)
         except (LookupError, ValueError) as e:
-            raise BundleError(str(e)) from None
+            raise BundleError(None, str(e)) from None
     return Path(path)
 
 
@@ -338,31 +349,31 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BundleError(f"{path}: not a bundle (no {META_FILE})") from None
+        raise BundleError(path, f"not a bundle (no {META_FILE})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: {META_FILE} is not valid JSON: {e}") from None
+        raise BundleError(path, f"{META_FILE} is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
-        raise BundleError(f"{path}: {META_FILE} must hold a JSON object, got {type(meta).__name__}")
+        raise BundleError(path, f"{META_FILE} must hold a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
     if type(version) is not int:
-        raise BundleError(f"{path}: bad format_version {version!r} in {META_FILE}")
+        raise BundleError(path, f"bad format_version {version!r} in {META_FILE}")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: unknown bundle format_version {version}; this earthray reads {FORMAT_VERSION}")
+        raise BundleError(path, f"unknown bundle format_version {version}; this earthray reads {FORMAT_VERSION}")
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
-        raise BundleError(f"{path}: {META_FILE} lacks {missing}")
+        raise BundleError(path, f"{META_FILE} lacks {missing}")
     weights = meta["weights"]
     if not isinstance(weights, dict) or MODEL_FILE not in weights:
-        raise BundleError(f"{path}: {META_FILE} 'weights' must list {MODEL_FILE}")
+        raise BundleError(path, f"{META_FILE} 'weights' must list {MODEL_FILE}")
     for name, entry in weights.items():
         if not isinstance(name, str) or Path(name).name != name or name in (".", "..") \
                 or not name.endswith(".safetensors"):
-            raise BundleError(f"{path}: bad weight file name {name!r} (plain *.safetensors names only)")
+            raise BundleError(path, f"bad weight file name {name!r} (plain *.safetensors names only)")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise BundleError(f"{path}: weights[{name!r}] lacks a sha256")
+            raise BundleError(path, f"weights[{name!r}] lacks a sha256")
     if not isinstance(meta["config"], dict) or not isinstance(meta["sensors"], list) \
             or not isinstance(meta["normalisation"], dict):
-        raise BundleError(f"{path}: {META_FILE} has malformed config/sensors/normalisation")
+        raise BundleError(path, f"{META_FILE} has malformed config/sensors/normalisation")
     return meta
 
 
@@ -373,12 +384,65 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     for name, entry in meta["weights"].items():
         file = path / name
         if not file.is_file():
-            raise BundleError(f"{path}: weight file {name} is missing")
+            raise BundleError(path, f"weight file {name} is missing")
         digest = _sha256(file)
         if digest != entry["sha256"]:
-            raise BundleError(f"{path}: {name} sha256 mismatch: expected {entry['sha256']}, found {digest} "
+            raise BundleError(path, f"{name} sha256 mismatch: expected {entry['sha256']}, found {digest} "
                               "(file modified or corrupt)")
     return meta
+
+
+def check_bundle(path: str | Path) -> dict[str, Any]:
+    """Everything ``load_bundle`` checks, without loading a weight: sha256s, metadata, the recipe rebuilt on
+    the meta device, and every tensor's name and shape against it (from the safetensors headers). A driver
+    calls it before it starts workers that would otherwise each fail to load the bundle. Returns the metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    meta = verify_bundle(path)
+    _, _, model = _rebuild(path, meta, "meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(path, f"cannot read {MODEL_FILE}: {e}") from None
+    for alias, target in (meta["weights"][MODEL_FILE].get("aliases") or {}).items():
+        if target not in found:
+            raise BundleError(path, f"{MODEL_FILE}: alias {alias!r} names missing tensor {target!r}")
+        found[alias] = found[target]
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+                    if keys]
+        raise BundleError(path, f"{MODEL_FILE} does not fit recipe {meta['recipe']!r} ({'; '.join(problems)})")
+    return meta
+
+
+def _rebuild(path: Path, meta: dict[str, Any], device: str | torch.device) -> tuple[list[Sensor], dict, nn.Module]:
+    """The bundle's sensors, normalisation and recipe (fresh weights) from its checked metadata."""
+    try:
+        sensors = [Sensor.model_validate(s) for s in meta["sensors"]]
+    except ValidationError as e:
+        raise BundleError(path, f"bad sensor in {META_FILE}: {e}") from None
+    normalisation = meta["normalisation"]
+    for s in sensors:
+        entry = normalisation.get(s.name)
+        if not isinstance(entry, dict) or any(len(entry.get(k) or ()) != len(s.bands) for k in ("mean", "std")):
+            raise BundleError(path, f"normalisation for {s.name!r} must give mean and std for its "
+                              f"{len(s.bands)} bands")
+
+    # Every weight comes from the bundle: never fetch pretrained weights or read initial-weight files
+    # (which need not exist where the bundle is loaded) while rebuilding.
+    config = {k: (False if "pretrained" in k and v is True else v) for k, v in meta["config"].items()}
+    try:
+        model = create_recipe(meta["recipe"], sensors, meta["preset"], device=device, initial_weights=False,
+                              **config)
+    except (KeyError, ValidationError, TypeError, ValueError) as e:
+        raise BundleError(path, f"cannot rebuild recipe {meta['recipe']!r} ({meta['preset']}): {e}") from None
+    return sensors, normalisation, model
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> Bundle:
@@ -391,41 +455,23 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", tracking_u
 
     path = local_bundle(path, tracking_uri)
     meta = verify_bundle(path)
-    try:
-        sensors = [Sensor.model_validate(s) for s in meta["sensors"]]
-    except ValidationError as e:
-        raise BundleError(f"{path}: bad sensor in {META_FILE}: {e}") from None
-    normalisation = meta["normalisation"]
-    for s in sensors:
-        entry = normalisation.get(s.name)
-        if not isinstance(entry, dict) or any(len(entry.get(k) or ()) != len(s.bands) for k in ("mean", "std")):
-            raise BundleError(f"{path}: normalisation for {s.name!r} must give mean and std for its "
-                              f"{len(s.bands)} bands")
-
-    # Every weight comes from the bundle: never fetch pretrained weights or read initial-weight files
-    # (which need not exist where the bundle is loaded) while rebuilding.
-    config = {k: (False if "pretrained" in k and v is True else v) for k, v in meta["config"].items()}
-    try:
-        model = create_recipe(meta["recipe"], sensors, meta["preset"], device=device, initial_weights=False,
-                              **config)
-    except (KeyError, ValidationError, TypeError) as e:
-        raise BundleError(f"{path}: cannot rebuild recipe {meta['recipe']!r} ({meta['preset']}): {e}") from None
+    sensors, normalisation, model = _rebuild(path, meta, device)
 
     def read(name: str) -> dict[str, torch.Tensor]:
         entry = meta["weights"][name]
         try:
             tensors = load_file(str(path / name), device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
-            raise BundleError(f"{path}: cannot read {name}: {e}") from None
+            raise BundleError(path, f"cannot read {name}: {e}") from None
         for alias, target in (entry.get("aliases") or {}).items():
             if target not in tensors:
-                raise BundleError(f"{path}: {name}: alias {alias!r} names missing tensor {target!r}")
+                raise BundleError(path, f"{name}: alias {alias!r} names missing tensor {target!r}")
             tensors[alias] = tensors[target]
         return tensors
 
     try:
         model.load_state_dict(read(MODEL_FILE), strict=True)
     except RuntimeError as e:
-        raise BundleError(f"{path}: {MODEL_FILE} does not fit recipe {meta['recipe']!r}: {e}") from None
+        raise BundleError(path, f"{MODEL_FILE} does not fit recipe {meta['recipe']!r}: {e}") from None
     head = read(HEAD_FILE) if HEAD_FILE in meta["weights"] else None
     return Bundle(path, meta, model.eval(), head, sensors, normalisation)

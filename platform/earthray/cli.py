@@ -207,7 +207,7 @@ def evaluate(
 
 @app.command()
 def quickstart(
-    port: int = typer.Option(8000, help="HTTP port for the Serve app while it is queried"),
+    port: int = typer.Option(8000, min=1, max=65535, help="HTTP port for the Serve app while it is queried"),
     verbose: bool = VerboseOpt,
 ) -> None:
     """Ingest, pretrain, fine-tune, register, serve, query and map a scene, on the bundled sample data."""

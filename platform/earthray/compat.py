@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from earthray.errors import EarthrayError
+from earthray.errors import ConfigError, EarthrayError
 
 # (module, attribute) of every internal used below.
 _INTERNALS = (
@@ -88,8 +88,15 @@ def deploy_serve_config(config) -> None:
     from ray.serve.config import gRPCOptions
 
     serve_start = _internal("ray.serve._private.api", "serve_start")
-    client = serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location,
+    wanted = config.http_options
+    client = serve_start(http_options=wanted.model_dump(), proxy_location=config.proxy_location,
                          grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
+    running = client.http_config  # a Serve already running keeps its own and only logs a warning
+    if (running.host, running.port) != (wanted.host, wanted.port):
+        raise ConfigError(f"Serve already runs on this Ray cluster, on {running.host}:{running.port}; it cannot "
+                          f"also listen on {wanted.host}:{wanted.port}. Use --port {running.port}"
+                          f"{'' if running.host == wanted.host else f' --host {running.host}'}, or stop it "
+                          "first (`serve shutdown`)")
     client.deploy_apps(config, _blocking=False)
 
 

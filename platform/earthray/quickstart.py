@@ -55,6 +55,16 @@ def sample_request(root: Path, size: int = 64) -> bytes:
         return mem.read()
 
 
+def served_classes(path: Path) -> list[str]:
+    """The class names a served class map carries in its ``classes`` tag (HTTP returns no sidecar file)."""
+    import json
+
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return json.loads(ds.tags()["classes"])
+
+
 def quickstart(root: str | Path, port: int = 8000, shown: Reporter | None = None) -> QuickstartResult:
     """Run every stage on the repo at ``root``; ``shown`` (default: stderr) gets a line as each stage starts and
     ends, and the stages' progress."""
@@ -63,10 +73,11 @@ def quickstart(root: str | Path, port: int = 8000, shown: Reporter | None = None
 
     from earthray.data.ingest import ingest
     from earthray.data.spec import load_spec
-    from earthray.io import quicklook
+    from earthray.io import category_sidecar, quicklook
     from earthray.runtime import ensure_ray, ray_logs, verbose
     from earthray.serve.app import run_config
     from earthray.serve.infer import infer, load_infer_spec
+    from earthray.serve.run import check_port_free
     from earthray.train.finetune import finetune
     from earthray.train.run import pretrain
     from earthray.train.spec import load_finetune_spec, load_pretrain_spec
@@ -76,6 +87,7 @@ def quickstart(root: str | Path, port: int = 8000, shown: Reporter | None = None
     out = QuickstartResult()
     shown = shown or Reporter()
     step = shown.line
+    check_port_free("127.0.0.1", port)  # before minutes of training, not at the serving stage
     if dashboard := ensure_ray():
         logs = "" if verbose() or not ray_logs() else f"; Ray's logs: {ray_logs()} (--verbose shows them here)"
         step(f"Ray dashboard: {dashboard}{logs}")
@@ -128,6 +140,7 @@ def quickstart(root: str | Path, port: int = 8000, shown: Reporter | None = None
                 target = root / "work" / "quickstart" / "served-landcover.tif"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tiff.content)
+                category_sidecar(target, served_classes(target))  # GIS tools read class names beside the file
                 out.outputs["served GeoTIFF"] = str(target)
         finally:
             serve.shutdown()

@@ -98,9 +98,15 @@ def _environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+"""An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server answers with its own."""
+
+
 def answers(address: str, timeout: float = 3.0) -> bool:
-    """Whether anything accepts a TCP connection at ``host:port`` or ``scheme://host[:port]`` (a GCS, a Ray
-    Client server, a dashboard): a dead address is then an error at once, not minutes of Ray's retries."""
+    """Whether a Ray endpoint answers at ``host:port`` (a GCS) or ``ray://host:port`` (a Ray Client server),
+    both gRPC, or anything accepts a connection at ``http(s)://host[:port]`` (a dashboard): a dead address,
+    or one where something other than Ray listens (on which ``ray.init`` would wait forever), is then an
+    error at once, not minutes of Ray's retries."""
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -109,8 +115,12 @@ def answers(address: str, timeout: float = 3.0) -> bool:
     if not host or not port:
         return False
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            if parts.scheme in ("http", "https"):
+                return True
+            conn.sendall(H2_PREFACE)
+            frame = conn.recv(9)  # the server's first frame header: length (3), type (1), flags (1), stream (4)
+            return len(frame) == 9 and frame[3] == 0x4  # SETTINGS
     except OSError:
         return False
 

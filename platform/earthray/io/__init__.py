@@ -4,6 +4,6 @@ from earthray.io.grid import Grid
 from earthray.io.open import open_scene
 from earthray.io.quicklook import quicklook
 from earthray.io.scene import RasterError, Scene
-from earthray.io.write import RasterWriter, write_raster
+from earthray.io.write import RasterWriter, category_sidecar, write_raster
 
-__all__ = ["Grid", "RasterError", "RasterWriter", "Scene", "open_scene", "quicklook", "write_raster"]
+__all__ = ["Grid", "RasterError", "RasterWriter", "Scene", "category_sidecar", "open_scene", "quicklook", "write_raster"]

@@ -86,6 +86,8 @@ def _check(shape: tuple[int, ...], dtype: np.dtype, limits: DecodeLimits, reserv
     if len(shape) != 3:
         raise RequestError(f"expected an array (bands, rows, cols); {what} has {len(shape)} dimensions {shape}")
     bands, height, width = shape
+    if min(shape) < 1:
+        raise RequestError(f"{what} has shape {shape}; every dimension must be at least 1")
     if height * width > limits.max_pixels:
         raise RequestError(f"image of {height}x{width} = {height * width} pixels exceeds the limit of "
                            f"{limits.max_pixels} (max_pixels); split it", 413)
@@ -121,6 +123,8 @@ def _parse_json(body: bytes, limits: DecodeLimits, reserve: Callable[[int], None
                            400) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"invalid JSON: {e}", 400) from None
+    except ValueError as e:  # a number past Python's integer-string limit (4300 digits)
+        raise RequestError(f"invalid JSON: a number is too long ({str(e)[:80]})", 400) from None
     if not isinstance(doc, dict):
         raise RequestError("the JSON body must be an object with 'array', 'geotiff' or 'npy'")
     try:

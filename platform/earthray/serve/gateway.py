@@ -172,8 +172,7 @@ class Gateway:
         a = self.args
         content_type = request.headers.get("content-type", "")
         with self.requests.take(), self.budget.hold() as reserve:
-            body = await read_body(request, a.max_request_bytes, a.body_timeout_s, self.uploads)
-            reserve(len(body))
+            body = await read_body(request, a.max_request_bytes, a.body_timeout_s, self.uploads, reserve)
             fields: dict[str, Any] = {"bands": bands, "nodata": nodata}
             if content_type.startswith("multipart/form-data"):
                 body, form = await read_form(request, body)
@@ -203,8 +202,11 @@ class Gateway:
                              self.args.retry_after_s) from None
         except RequestError:
             raise
-        except BundleError as e:
-            raise RequestError(f"model {name!r} is unavailable: {getattr(e, 'cause', e)}", 503) from None
+        except BundleError as e:  # the operator's log names the bundle; the client learns only what is wrong
+            cause = getattr(e, "cause", e)
+            log.error("model %s is unavailable: %s", name, cause)
+            raise RequestError(f"model {name!r} is unavailable: its bundle cannot be loaded "
+                               f"({getattr(cause, 'reason', 'see the server log')})", 503) from None
         except Exception as e:  # the host failed on a valid request: say which model, keep the trace in the logs
             log.exception("model %s failed", name)
             cause = getattr(e, "cause", None) or e

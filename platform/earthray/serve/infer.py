@@ -122,14 +122,14 @@ def _expand(entries: list[str | list[str]]) -> list[str | list[str]]:
 def _resolve_model(spec: InferSpec) -> tuple[str, ModelInfo, str]:
     """The model pinned (an alias to its version) and verified, its contract, and a fingerprint of its weights."""
     from earthray import registry
-    from earthray.bundle import local_bundle, verify_bundle
+    from earthray.bundle import check_bundle, local_bundle
 
     source = spec.model
     try:
         if registry.is_registry_uri(source):
             name, version = registry.resolve(source, spec.tracking_uri)
             source = f"{registry.SCHEME}{name}/{version}"
-        meta = verify_bundle(local_bundle(source, spec.tracking_uri))  # a tampered bundle: one line, here
+        meta = check_bundle(local_bundle(source, spec.tracking_uri))  # a broken bundle: one line, here
         info = ModelInfo.from_meta("model", source, meta)
     except (LookupError, ValueError, OSError) as e:
         raise ConfigError(f"model {spec.model}: {e}") from None

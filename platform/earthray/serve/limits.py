@@ -6,7 +6,8 @@ turns overload into latency. Refusals are ``RequestError``s carrying their HTTP 
 
 - ``Slots``: at most N holders (predictions in the gateway, bodies still arriving); one more is 503.
 - ``Budget``: bytes the requests in flight hold together (bodies, decoded inputs), reserved before the
-  memory is spent; a request that would overflow it is 503, one larger than a request may be is 413.
+  memory is spent (a body's declared length before it is read); a request that would overflow it is 503,
+  one larger than the whole budget is 413.
 - ``read_body``: the body's declared size checked before a byte is read (413), a body of unknown size
   refused at once (411: Serve's proxy buffers whatever a client sends, in memory, as fast as it arrives,
   so an endless chunked upload would fill the proxy before any limit could stop it), the size counted
@@ -75,6 +76,9 @@ class Budget:
 
         def reserve(nbytes: int) -> None:
             nonlocal held
+            if held + nbytes > self.limit:  # no wait would let it in: a client error, not overload
+                raise RequestError(f"this request needs {megabytes(held + nbytes)} in flight, more than this gateway's "
+                                   f"whole {megabytes(self.limit)} (max_inflight_bytes); send fewer pixels", 413)
             with self._lock:
                 if self.used + nbytes > self.limit:
                     raise Overloaded(f"requests in flight hold {megabytes(self.used)} of this gateway's "
@@ -90,9 +94,11 @@ class Budget:
                 self.used -= held
 
 
-async def read_body(request: Request, limit: int, timeout_s: float, uploads: Slots) -> bytes:
-    """The whole body, holding one of ``uploads`` while it arrives; 411 without a Content-Length, 413 past
-    ``limit`` bytes, 408 past ``timeout_s`` seconds, 400 when it is empty or the client went away."""
+async def read_body(request: Request, limit: int, timeout_s: float, uploads: Slots,
+                    reserve: Callable[[int], None]) -> bytes:
+    """The whole body, holding one of ``uploads`` while it arrives and ``reserve``-ing its declared length
+    first; 411 without a Content-Length, 413 past ``limit`` bytes, 408 past ``timeout_s`` seconds, 400 when it
+    is empty or the client went away."""
     length = request.headers.get("content-length")
     if length is None and "transfer-encoding" in request.headers:
         raise RequestError(f"send the body with a Content-Length header; bodies of unknown length are refused "
@@ -101,6 +107,8 @@ async def read_body(request: Request, limit: int, timeout_s: float, uploads: Slo
         problem = f"declares {length} bytes" if length.isdigit() else f"has a bad Content-Length {length!r}"
         raise RequestError(f"the request body {problem}; the limit is {limit} bytes (max_request_bytes)",
                            413 if length.isdigit() else 400, headers=CLOSE)
+    if length is not None:
+        reserve(int(length))
     chunks, size = [], 0
     with uploads.take():
         try:

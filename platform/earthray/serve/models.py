@@ -31,7 +31,7 @@ class ServedModel:
 def served_models(args: AppArgs) -> dict[str, ServedModel]:
     """Each configured model, verified; a ConfigError naming the first one that cannot be served."""
     from earthray import registry
-    from earthray.bundle import BundleError, local_bundle, verify_bundle
+    from earthray.bundle import BundleError, check_bundle, local_bundle
 
     served = {}
     for name, source in args.models.items():
@@ -39,7 +39,7 @@ def served_models(args: AppArgs) -> dict[str, ServedModel]:
             if registry.is_registry_uri(source):
                 reg_name, version = registry.resolve(source, args.tracking_uri)
                 source = f"{registry.SCHEME}{reg_name}/{version}"
-            meta = verify_bundle(local_bundle(source, args.tracking_uri))
+            meta = check_bundle(local_bundle(source, args.tracking_uri))
             info = ModelInfo.from_meta(name, source, meta)
         except (BundleError, LookupError, OSError, ValueError) as e:
             raise ConfigError(f"model {name!r} ({args.models[name]}): {e}") from None
