@@ -20,13 +20,12 @@ from collections.abc import Mapping
 
 import torch
 
+from earthray.data.schema import IGNORE  # noqa: F401  (stored in shards; losses and metrics skip it)
+
 VALID, PRESENT, DOY, TMASK = ".valid", ".present", ".doy", ".tmask"
 COMPANIONS = (VALID, PRESENT, DOY, TMASK)
 """The suffixes of a sensor's companion keys."""
 LONLAT, LABEL = "lonlat", "label"
-IGNORE = -1
-"""The label of an unlabelled pixel or sample (nodata, or a code the ingest spec does not map):
-losses and metrics skip it."""
 
 
 def sensors_in(batch: Mapping) -> list[str]:

@@ -31,7 +31,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
 from earthray.data import schema
-from earthray.data.batch import IGNORE
+from earthray.data.schema import IGNORE
 from earthray.data.stats import BandStats
 from earthray.io import RasterError, Scene, open_scene
 from earthray.io.grid import Grid

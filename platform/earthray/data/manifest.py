@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from earthray.data import schema
-from earthray.data.batch import IGNORE
 from earthray.data.chipper import ChipResult, ChipTask, label_column
+from earthray.data.schema import IGNORE
 from earthray.data.spec import IngestSpec
 from earthray.data.stats import BandStats
 from earthray.errors import DataError, NotFound

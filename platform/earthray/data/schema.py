@@ -20,6 +20,10 @@ import json
 import numpy as np
 import pyarrow as pa
 
+IGNORE = -1
+"""The label of an unlabelled pixel or sample (nodata, or a code the ingest spec does not map):
+losses and metrics skip it. Defined here, with the stored format, so ingest never imports torch."""
+
 SCHEMA_VERSION = 2
 
 BASE_FIELDS = [
