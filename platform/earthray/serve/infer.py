@@ -137,6 +137,33 @@ def _resolve_model(spec: InferSpec) -> tuple[str, ModelInfo, str]:
     return source, info, json.dumps(weights, sort_keys=True)
 
 
+READ_TASK_BYTES = 16 * 2**20
+BAND_ROWS = 4
+"""Window rows a read task's windows span (the stitcher then holds about this many rows, plus one window)."""
+
+
+def windows_per_read(info: ModelInfo) -> int:
+    """Windows per read task when the spec leaves it open: about ``READ_TASK_BYTES`` of prepared input.
+
+    A read task costs Ray some milliseconds whatever it holds; at 32 windows of 6x32x32 that overhead
+    capped batch inference at about 550 windows/s, at 128 it ran at about 3400 (benchmarks/batch_infer.py,
+    16x scene, 2 CPUs). The upper bound keeps reads and the model overlapping on small scenes."""
+    per_window = sum(len(s.bands) * 4 + 1 for s in info.sensors) * info.input_size ** 2
+    return max(8, min(256, READ_TASK_BYTES // per_window))
+
+
+def _read_order(plan: _Plan, per_read: int) -> list[tuple[int, int]]:
+    """The windows as read tasks get them: blocks of ``BAND_ROWS`` rows by ``per_read / BAND_ROWS`` columns.
+
+    A read task opens the scene afresh, so every compressed tile its windows touch is decoded again; in
+    row-major order a task's windows lie in one strip across the scene and each tile is decoded by a
+    number of tasks that grows with the scene's width (measured: windows/s fell 3x from a 1x to a 16x
+    scene, benchmarks/batch_infer.py). Square-ish blocks keep that number constant."""
+    width = max(1, per_read // BAND_ROWS)
+    return [(r, c) for b in range(0, len(plan.rows), BAND_ROWS) for k in range(0, len(plan.cols), width)
+            for r in plan.rows[b:b + BAND_ROWS] for c in plan.cols[k:k + width]]
+
+
 def _fingerprint(spec: InferSpec, weights: str, order: list[int]) -> str:
     keys = {"weights": weights, "overlap": spec.overlap, "probabilities": spec.probabilities,
             "embeddings": spec.embeddings, "bands": order}
@@ -471,11 +498,12 @@ def infer(spec: InferSpec, on_scene: Callable[[SceneResult], None] | None = None
     gpus = spec.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    items = [{"scene": p.index, "row": r, "col": c} for p in plans for r in p.rows for c in p.cols]
+    per_read = spec.windows_per_read or windows_per_read(info)
+    items = [{"scene": p.index, "row": r, "col": c} for p in plans for r, c in _read_order(p, per_read)]
     scenes = {p.index: {"source": p.source, "order": p.order, "sensors": p.sensors} for p in plans}
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // spec.windows_per_read)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per_read)))
     ds.context.execution_options.preserve_order = True  # the dataset's own copy of the context
-    ds = ds.map_batches(read_windows, fn_kwargs={"scenes": scenes, "info": info}, batch_size=spec.windows_per_read,
+    ds = ds.map_batches(read_windows, fn_kwargs={"scenes": scenes, "info": info}, batch_size=per_read,
                         num_cpus=spec.read_cpus, batch_format="numpy")
     ds = ds.map_batches(WindowPredictor, fn_constructor_kwargs={"source": source, "tracking_uri": spec.tracking_uri,
                                                                 "embeddings": spec.embeddings},

@@ -22,7 +22,8 @@ class InferSpec(StrictModel):
     output: OutputPath = Field(description="folder for <stem>.tif (+ .probabilities.tif, .chips.parquet)")
     overlap: float = Field(0.25, ge=0, lt=1, description="window overlap (fraction of the input size)")
     batch_size: int = Field(16, ge=1, description="windows per forward pass")
-    windows_per_read: int = Field(32, ge=1, description="windows per read task")
+    windows_per_read: int | None = Field(None, ge=1, description="windows per read task (default: about 16 MiB "
+                                         "of prepared input, 8 to 256 windows)")
     actors: int = Field(1, ge=1, description="model actors")
     actor_cpus: float = Field(1.0, gt=0)
     read_cpus: float = Field(0.5, gt=0)
