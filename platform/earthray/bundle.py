@@ -407,10 +407,7 @@ def check_bundle(path: str | Path) -> dict[str, Any]:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(path, f"cannot read {MODEL_FILE}: {e}") from None
-    for alias, target in (meta["weights"][MODEL_FILE].get("aliases") or {}).items():
-        if target not in found:
-            raise BundleError(path, f"{MODEL_FILE}: alias {alias!r} names missing tensor {target!r}")
-        found[alias] = found[target]
+    _add_aliases(path, MODEL_FILE, meta["weights"][MODEL_FILE], found)
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
     if missing or unexpected or wrong:
@@ -419,6 +416,14 @@ def check_bundle(path: str | Path) -> dict[str, Any]:
                     if keys]
         raise BundleError(path, f"{MODEL_FILE} does not fit recipe {meta['recipe']!r} ({'; '.join(problems)})")
     return meta
+
+
+def _add_aliases(path: Path, name: str, entry: dict[str, Any], found: dict[str, Any]) -> None:
+    """Give ``found`` (tensors, or their shapes) the tied names the weight file stores once."""
+    for alias, target in (entry.get("aliases") or {}).items():
+        if target not in found:
+            raise BundleError(path, f"{name}: alias {alias!r} names missing tensor {target!r}")
+        found[alias] = found[target]
 
 
 def _rebuild(path: Path, meta: dict[str, Any], device: str | torch.device) -> tuple[list[Sensor], dict, nn.Module]:
@@ -463,10 +468,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", tracking_u
             tensors = load_file(str(path / name), device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
             raise BundleError(path, f"cannot read {name}: {e}") from None
-        for alias, target in (entry.get("aliases") or {}).items():
-            if target not in tensors:
-                raise BundleError(path, f"{name}: alias {alias!r} names missing tensor {target!r}")
-            tensors[alias] = tensors[target]
+        _add_aliases(path, name, entry, tensors)
         return tensors
 
     try:

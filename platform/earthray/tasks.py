@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from earthray.data import batch as layout
+from earthray.data import schema
 from earthray.errors import ConfigError, DataError
 from earthray.metrics import class_metrics
 from earthray.models.heads import create_head, fuse_sensors
@@ -73,7 +74,7 @@ class TaskSpec(BaseModel):
     data_range: float | None = Field(None, gt=0, description="translation PSNR/SSIM span (default: 8 std)")
     label_from: Literal["label", "majority", "presence"] = "label"
     presence_min: float = Field(0.05, gt=0, le=1, description="multilabel from a chip: class share to count")
-    ignore_index: int = Field(layout.IGNORE, description="the label losses and metrics skip")
+    ignore_index: int = Field(schema.IGNORE, description="the label losses and metrics skip")
     change_threshold: float = Field(3.0, gt=0, description="derived change: mean |after - before|, physical units")
     head_channels: int = Field(64, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)

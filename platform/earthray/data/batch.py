@@ -20,8 +20,6 @@ from collections.abc import Mapping
 
 import torch
 
-from earthray.data.schema import IGNORE  # noqa: F401  (stored in shards; losses and metrics skip it)
-
 VALID, PRESENT, DOY, TMASK = ".valid", ".present", ".doy", ".tmask"
 COMPANIONS = (VALID, PRESENT, DOY, TMASK)
 """The suffixes of a sensor's companion keys."""

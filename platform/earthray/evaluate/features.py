@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from earthray.bundle import Bundle
 from earthray.config import ConfigError
-from earthray.data.batch import IGNORE
 from earthray.data.manifest import label_layer, load_manifest
+from earthray.data.schema import IGNORE
 from earthray.data.stream import read_group
 from earthray.errors import DataError
 from earthray.evaluate.inputs import BandMap, input_mapping, model_inputs
