@@ -240,7 +240,7 @@ def test_finetune_on_ray_train_metrics_and_registry(sample_manifest, sample_spec
     assert version.run_id == result.run_id
     assert version.tags["earthray.task"] == "segmentation"
     assert float(version.tags["metric.val_miou"]) == pytest.approx(scores["val_miou"], rel=1e-5)
-    assert "class_7" in version.tags["earthray.classes"]
+    assert "sediment" in version.tags["earthray.classes"]  # the label raster's own category names
 
     by_path = TaskModel.from_bundle(load_bundle(result.bundle)).eval()
     by_alias = TaskModel.from_bundle(load_bundle("models:/landcover-test@champion",

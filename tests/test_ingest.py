@@ -135,7 +135,7 @@ def test_time_series_rows_carry_all_dates(sample_spec, sample_manifest):
 
 def test_labels_aligned_with_image(sample_spec, sample_manifest, sample_dir):
     group = sample_manifest["groups"]["landsat7_etm+label"]
-    assert group["label"]["classes"][0] == "class_1" and group["label"]["ignore_index"] == -1
+    assert group["label"]["classes"] == ["developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment"] and group["label"]["ignore_index"] == -1
     table = read_group(sample_spec, sample_manifest, "landsat7_etm+label")
     labels = schema.read_tensor(table, "label")
     with rasterio.open(sample_dir / "landsat7_nc/lsat7_2000_10.tif") as img, \

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from earthray.io import read_categories
 from earthray.train.progress import FILE, Reporter, WorkerProgress, progress_file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -107,6 +109,33 @@ def test_commands_show_earthray_progress_and_keep_rays_lines_in_its_logs(tmp_pat
         assert any(re.search(rf"\({actor} pid=\d+\)", line) for line in shown), err[-3000:]
     assert "resumed quiet-tiny at step 3" in err and "done quiet-tiny: step 3" in out
     print(f"ingest {ingest_s:.0f} s, pretrain {pretrain_s:.0f} s, pretrain --verbose {verbose_s:.0f} s")
+
+
+@pytest.mark.integration  # the whole quickstart, in a subprocess with a local Ray of its own
+@pytest.mark.timeout(900)
+def test_the_quickstart_shows_about_40_lines_of_its_own(tmp_path, ray_tmp):
+    """The README's first command, on a copy of what it reads (jobs/, serve/, data/sample/): every stage ends,
+    the output is earthray's stage lines, progress and summary table, not Ray's; class names are the label
+    raster's own (data/sample/landsat7_nc/strata.tif.aux.xml), in the served answer and the map's legend."""
+    repo = Path(__file__).resolve().parents[1]
+    for part in ("jobs", "serve", "data/sample"):
+        shutil.copytree(repo / part, tmp_path / part)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, err, seconds = earthray("quickstart", "--port", str(port), ray_tmp=ray_tmp, cwd=tmp_path)
+    lines = (err + out).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    assert not ray_lines(err + out), ray_lines(err + out)
+    stages = [line for line in lines if re.match(r"\[\d/5\] .*: done in \d+ s$", line)]
+    assert len(stages) == 5, stages
+    served = next(line for line in lines if f"POST http://127.0.0.1:{port}/models/landcover/predict ->" in line)
+    assert re.search(r"-> (developed|agriculture|herbaceous|shrubland|forest|water|sediment) \d+%", served), served
+    assert "earthray quickstart: done in" in out and "models:/landcover/1" in out
+    classes = read_categories(tmp_path / "work" / "inference" / "landcover" / "lsat7_2000_10.tif")
+    assert list(classes.values()) == ["developed", "agriculture", "herbaceous", "shrubland", "forest", "water",
+                                      "sediment"]
+    print(f"quickstart: {len(lines)} lines in {seconds:.0f} s")
 
 
 def run_steps(spec, rank: int = 0) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,14 @@ def loopback_only_local_ray() -> None:
     _internal("ray._private.ray_constants", "ENABLE_RAY_CLUSTER")  # still there, or a clear error
     os.environ[_LOCAL_ONLY_ENV] = "0"
     importlib.import_module("ray._private.ray_constants").ENABLE_RAY_CLUSTER = False
+
+
+def map_batches_without_restarts(ds, fn, **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` whose actors are never restarted. Ray 2.60 takes ``max_restarts``
+    only through ``**ray_remote_args``, deprecated (removal announced for 2.64) with no named parameter yet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, max_restarts=0, **kwargs)
 
 
 def deploy_serve_config(config) -> None:

@@ -188,7 +188,8 @@ def ensure_ray(address: str | None = None, preserve_order: bool = False) -> str 
     if not ray.is_initialized():
         target = resolve_address(address)
         options: dict = {}
-        env: dict[str, str] = {}
+        # A task that failed and will be retried (Serve's controller at shutdown) is not news; its final error is.
+        env: dict[str, str] = {} if loud else {"RAY_enable_output_error_log_if_still_retry": "0"}
         if target == "local":
             loopback_only_local_ray()
             options["dashboard_port"] = port = _free_dashboard_port()

@@ -28,7 +28,9 @@ from earthray.data.spec import (
     match_placeholders,
     placeholders,
 )
+from earthray.io.categories import read_categories
 from earthray.io.cube import is_cube
+from earthray.io.scene import RasterError
 from earthray.runtime import ensure_ray
 from earthray.sensors import Catalogue, default_catalogue, load_catalogue
 
@@ -59,7 +61,7 @@ def plan(spec: IngestSpec, catalogue: Catalogue) -> list[ChipTask]:
                                      src.mask.model_dump() if src.mask else None, src.nodata,
                                      src.transform.model_dump() if src.transform else None)
                        for n, src in inp.sensors.items()}
-            labels = [layer.model_dump() | found for layer, found in zip(inp.labels, files)]
+            labels = [_named(layer.model_dump() | found, f"{where}.label") for layer, found in zip(inp.labels, files)]
             split = inp.split if isinstance(inp.split, SplitSpec) else spec.split
             fixed = inp.split if isinstance(inp.split, str) else None
             identity = json.dumps([schema.SCHEMA_VERSION, inp.name, {n: asdict(s) for n, s in sources.items()},
@@ -70,7 +72,32 @@ def plan(spec: IngestSpec, catalogue: Catalogue) -> list[ChipTask]:
             tasks.append(ChipTask(key, inp.name, inp.group, sources, str(out), size, stride,
                                   spec.min_valid_fraction, split.model_dump(), spec.rows_per_group,
                                   spec.compression, labels, inp.pair_within_days, fixed))
+    _same_classes(tasks)
     return tasks
+
+
+def _same_classes(tasks: list[ChipTask]) -> None:
+    """A group's class indices mean one thing: its scenes' label rasters must not name different classes."""
+    first: dict[str, ChipTask] = {}
+    for task in tasks:
+        other = first.setdefault(task.group, task)
+        for a, b in zip(task.labels, other.labels):
+            if (a["codes"], a["classes"]) != (b["codes"], b["classes"]):
+                raise ConfigError(f"inputs.{task.input}.label: {a['path']} and {b['path']} (both in group "
+                                  f"{task.group!r}) name different classes; give the layer's classes or codes "
+                                  "in the spec")
+
+
+def _named(layer: dict, where: str) -> dict:
+    """A label layer the spec names no classes for takes them from its raster (GDAL categories, a raster
+    attribute table, an ENVI header), as ``codes``: values it does not name are unlabelled."""
+    if layer["codes"] or layer["classes"] or not layer["path"] or layer["variable"]:
+        return layer
+    try:
+        codes = read_categories(layer["path"])
+    except RasterError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return layer | {"codes": codes} if codes else layer
 
 
 def _scenes(inp: InputSpec, where: str) -> list[tuple[dict, list[dict]]]:

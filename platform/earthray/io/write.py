@@ -15,13 +15,13 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
+from earthray.io.categories import category_sidecar
 from earthray.io.grid import Grid
 
 # Distinct colours for up to 12 classes (ColorBrewer "Paired"), repeating beyond; nodata is transparent black.
@@ -37,15 +37,6 @@ def class_colormap(n: int, nodata: int | None = None) -> dict[int, tuple[int, in
     if nodata is not None:
         cmap[int(nodata)] = (0, 0, 0, 0)
     return cmap
-
-
-def category_sidecar(path: str | Path, classes: Sequence[str]) -> Path:
-    """Write ``<path>.aux.xml``: GDAL's PAM file naming band 1's class values (what GTiff cannot hold itself)."""
-    names = "".join(f"<Category>{escape(c)}</Category>" for c in classes)
-    aux = Path(f"{path}.aux.xml")
-    aux.write_text(f'<PAMDataset><PAMRasterBand band="1"><CategoryNames>{names}</CategoryNames>'
-                   "</PAMRasterBand></PAMDataset>\n")
-    return aux
 
 
 class RasterWriter:

@@ -9,7 +9,9 @@
 2. streams the windows of all scenes through Ray Data: a read stage (tasks) reads each window with
    ``earthray.io`` and normalises it exactly as the online app does (``predictor.prepare``; non-finite
    pixels are missing, as in ingest), then ``map_batches`` with an actor pool runs the model
-   (``ActorPoolStrategy``, a GPU per actor when the cluster has GPUs);
+   (``ActorPoolStrategy``, a GPU per actor when the cluster has GPUs). The actors are not restarted:
+   Ray Data passes them arguments in the object store, with which a restart is not reliable in Ray 2.60
+   (ray#53727, ray#57733, and it says so on every run); a failed run is re-run and resumes by scene;
 3. stitches on the driver: each window's output (class probabilities, or physical values) is added to a
    strip buffer with a Hann weight (``predictor.blend_weight``) and normalised by the summed weights;
    as soon as every window of a window row has arrived, the rows above the next window row are final
@@ -46,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from earthray.compat import map_batches_without_restarts
 from earthray.config import ConfigError
 from earthray.io.write import GeoParquetWriter, RasterWriter, footprint_wkb
 from earthray.serve.predictor import (
@@ -505,10 +508,11 @@ def infer(spec: InferSpec, on_scene: Callable[[SceneResult], None] | None = None
     ds.context.execution_options.preserve_order = True  # the dataset's own copy of the context
     ds = ds.map_batches(read_windows, fn_kwargs={"scenes": scenes, "info": info}, batch_size=per_read,
                         num_cpus=spec.read_cpus, batch_format="numpy")
-    ds = ds.map_batches(WindowPredictor, fn_constructor_kwargs={"source": source, "tracking_uri": spec.tracking_uri,
-                                                                "embeddings": spec.embeddings},
-                        compute=ray.data.ActorPoolStrategy(size=spec.actors), batch_size=spec.batch_size,
-                        num_cpus=spec.actor_cpus, num_gpus=gpus, batch_format="numpy")
+    ds = map_batches_without_restarts(  # see the module doc: a re-run resumes by scene
+        ds, WindowPredictor, fn_constructor_kwargs={"source": source, "tracking_uri": spec.tracking_uri,
+                                                    "embeddings": spec.embeddings},
+        compute=ray.data.ActorPoolStrategy(size=spec.actors), batch_size=spec.batch_size,
+        num_cpus=spec.actor_cpus, num_gpus=gpus, batch_format="numpy")
 
     by_index = {p.index: p for p in plans}
     open_: dict[int, _Stitcher] = {}
