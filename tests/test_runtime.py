@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
 from earthray.config import ConfigError
 from earthray.runtime import resolve_address
@@ -37,11 +38,20 @@ def ray_tmp(monkeypatch):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _Gcs(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+    """The one call ``answers`` makes of a GCS, answered as a GCS does."""
+
+    def GetClusterId(self, request, context):
+        return gcs_service_pb2.GetClusterIdReply(cluster_id=b"\x01" * 28)
+
+
 @contextlib.contextmanager
-def grpc_endpoint():
-    """A live gRPC server's ``host:port``: what a GCS or a Ray Client server is, at the protocol ``answers``
-    checks."""
+def grpc_endpoint(gcs: bool = True):
+    """A live gRPC server's ``host:port``: speaking Ray's GCS protocol (``gcs``), or none of Ray's (what a Ray
+    Client server is, at the protocol ``answers`` checks, or any other gRPC service)."""
     server = grpc.server(futures.ThreadPoolExecutor(1))
+    if gcs:
+        gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(_Gcs(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -88,6 +98,18 @@ def test_a_listener_that_is_not_ray_is_refused_at_once(ray_tmp):
         assert time.monotonic() - started < 10
 
 
+def test_a_grpc_server_that_is_not_a_gcs_is_refused_at_once(ray_tmp):
+    """Another gRPC service (here: one with no services at all) on the port: ``ray.init`` would wait on it for
+    minutes (measured: > 100 s); it answers the GCS's cluster-id call UNIMPLEMENTED."""
+    with grpc_endpoint(gcs=False) as other:
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=f"no Ray cluster answers at {other}"):
+            resolve_address(other)
+        assert time.monotonic() - started < 10
+        record(ray_tmp, other)
+        assert resolve_address(None) == "local"  # a recorded one is ignored, as a dead one is
+
+
 def test_unreachable_explicit_addresses_are_config_errors(ray_tmp, monkeypatch):
     dead = _dead_address()
     with pytest.raises(ConfigError, match=f"--address/spec address: no Ray cluster answers at {dead}"):
@@ -106,7 +128,7 @@ def test_a_dead_ray_client_address_is_one_line_at_once(ray_tmp):
     assert time.monotonic() - started < 10  # not Ray Client's 30+ s of retries
     message = str(refused.value)
     assert "\n" not in message and f"no Ray cluster answers at {dead}" in message and "--address local" in message
-    with grpc_endpoint() as live:  # a live one is passed on to Ray
+    with grpc_endpoint(gcs=False) as live:  # a live one is passed on to Ray
         assert resolve_address(f"ray://{live}") == f"ray://{live}"
 
 

@@ -27,6 +27,8 @@ _INTERNALS = (
     ("ray.train.v2._internal.execution.callback", "WorkerGroupCallback"),
     ("ray.train.v2._internal.execution.worker_group", "WorkerGroupState"),
     ("ray._private.state", "actors"),
+    ("ray.core.generated.gcs_service_pb2_grpc", "NodeInfoGcsServiceStub"),
+    ("ray.core.generated.gcs_service_pb2", "GetClusterIdRequest"),
 )
 _MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -67,6 +69,21 @@ def missing_internals() -> list[str]:
 def recorded_cluster() -> str | None:
     """The GCS address a ``ray start`` on this machine recorded (Ray has no public call that reads it)."""
     return _internal("ray._private.utils", "read_ray_address")()
+
+
+def gcs_answers(target: str, timeout: float) -> bool:
+    """Whether a Ray GCS answers at ``host:port``: asked for its cluster id, as Ray's own clients first do.
+    Any other gRPC server says UNIMPLEMENTED; one refusing a call without Ray's auth token is a GCS too."""
+    import grpc
+
+    stub = _internal("ray.core.generated.gcs_service_pb2_grpc", "NodeInfoGcsServiceStub")
+    request = _internal("ray.core.generated.gcs_service_pb2", "GetClusterIdRequest")
+    with grpc.insecure_channel(target) as channel:
+        try:
+            stub(channel).GetClusterId(request(), timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    return True
 
 
 def loopback_only_local_ray() -> None:

@@ -15,7 +15,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from earthray.compat import loopback_only_local_ray, recorded_cluster
+from earthray.compat import gcs_answers, loopback_only_local_ray, recorded_cluster
 from earthray.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,11 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x0
 
 
 def answers(address: str, timeout: float = 3.0) -> bool:
-    """Whether a Ray endpoint answers at ``host:port`` (a GCS) or ``ray://host:port`` (a Ray Client server),
-    both gRPC, or anything accepts a connection at ``http(s)://host[:port]`` (a dashboard): a dead address,
-    or one where something other than Ray listens (on which ``ray.init`` would wait forever), is then an
-    error at once, not minutes of Ray's retries."""
+    """Whether Ray answers at ``host:port`` (a GCS, asked for its cluster id) or ``ray://host:port`` (a Ray
+    Client server: a gRPC server), or anything accepts a connection at ``http(s)://host[:port]`` (a
+    dashboard): a dead address, or one where something other than Ray listens (on which ``ray.init`` would
+    wait forever), is then an error at once, not minutes of Ray's retries. With ``RAY_USE_TLS`` a GCS is
+    only checked to accept connections."""
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -114,15 +115,16 @@ def answers(address: str, timeout: float = 3.0) -> bool:
         return False
     if not host or not port:
         return False
+    tls = os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true")
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:
-            if parts.scheme in ("http", "https"):
-                return True
-            conn.sendall(H2_PREFACE)
-            frame = conn.recv(9)  # the server's first frame header: length (3), type (1), flags (1), stream (4)
-            return len(frame) == 9 and frame[3] == 0x4  # SETTINGS
+            if parts.scheme == "ray":
+                conn.sendall(H2_PREFACE)
+                frame = conn.recv(9)  # the server's first frame header: length (3), type, flags, stream (4)
+                return len(frame) == 9 and frame[3] == 0x4  # SETTINGS
     except OSError:
         return False
+    return gcs_answers(f"{host}:{port}", timeout) if parts.scheme == "tcp" and not tls else True
 
 
 def resolve_address(address: str | None) -> str:
