@@ -37,8 +37,10 @@ VerboseOpt = typer.Option(False, "--verbose", help="also show Ray's own log line
 
 
 def _fail(problem: str | Exception, code: int = EXIT_CONFIG) -> None:
-    """Print one error line and exit."""
-    err.print(f"[bold red]error:[/] {problem}", highlight=False)
+    """Print one error line (never folded, so paths stay whole for copying) and exit."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
