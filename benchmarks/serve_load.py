@@ -10,8 +10,10 @@ than the HTTP request around it). A second process sends ``--requests`` real Lan
 square, six bands, ``.npy``) with
 ``--concurrency`` in flight over HTTP on loopback and reports p50/p99 latency and throughput. The bare
 model runs the same chips, normalised, through ``Predictor.forward`` in batches of ``--batch`` in this
-process (one torch thread). Reported: requests/s vs images/s and their ratio (target >= 0.7), plus the
-same app without batching (``max_batch_size: 1``) for contrast.
+process (one torch thread). The peer is a plain FastAPI app on uvicorn (``plain_main``: one process, the
+same ``Predictor``, decoding and JSON answer, no batching), run after Ray has stopped, with the same client.
+Reported: requests/s and p50/p99 for each, the Serve app's ratio to the plain app (target >= 0.7) and its
+p99/p50 (target <= 3), and the same app without batching (``max_batch_size: 1``) for contrast.
 """
 
 from __future__ import annotations
@@ -113,20 +115,49 @@ def client_main(url: str, n: int, concurrency: int, warmup: int, size: int) -> N
 # ---------------------------------------------------------------------------------------------- the server side
 
 
+def plain_main(bundle: str, port: int) -> None:
+    """The peer: a plain FastAPI app on uvicorn (one process, one torch thread) serving the same ``Predictor``
+    with the same decoding and answer, one request at a time, as a FastAPI tutorial would."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from earthray.serve.answers import to_json
+    from earthray.serve.decode import DecodeLimits, decode
+    from earthray.serve.predictor import Predictor, pixel_valid
+
+    torch.set_num_threads(1)
+    model = Predictor.load("bench", bundle, device="cpu")
+    limits = DecodeLimits(max_pixels=1 << 26, max_decoded_bytes=1 << 30)
+    app = FastAPI()
+
+    async def predict(request):  # a plain route: the request as it came, no dependency injection
+        image, _ = decode(model.info, request.headers.get("content-type", ""), await request.body(), {}, limits,
+                          lambda n: None)
+        return JSONResponse(to_json(model.info, model.predict_answers([image])[0], pixel_valid(model.info, image)))
+
+    app.router.add_route("/models/bench/predict", predict, methods=["POST"])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def serve_config(folder: Path, bundle: Path, port: int, batch: int, concurrency: int, wait: float) -> Path:
-    path = folder / f"serve-{batch}.yaml"
+def serve_config(folder: Path, bundle: Path, port: int, batch: int, concurrency: int, wait: float,
+                 access_log: bool = True) -> Path:
+    path = folder / f"serve-{batch}-{access_log}.yaml"
     path.write_text(f"""
 http_options: {{host: 127.0.0.1, port: {port}}}
 applications:
   - name: bench{batch}
     route_prefix: /b{batch}
     import_path: earthray.serve.app:build_app
+    logging_config: {{enable_access_log: {str(access_log).lower()}}}
     args:
       models: {{bench: {bundle}}}
       max_batch_size: {batch}
@@ -188,6 +219,37 @@ def bare(bundle: Path, images: np.ndarray, batch: int, repeats: int) -> dict:
     return {"images_per_s": n / wall, "cpu_ms": 1000 * cpu / n, "batch_ms_p50": 1000 * statistics.median(times)}
 
 
+def run_client(url: str, args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--client", url, "--requests", str(args.requests),
+                          "--concurrency", str(args.concurrency), "--warmup", str(args.warmup), "--size", str(args.size)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_plain(bundle: Path, args) -> dict:
+    """The same client against ``plain_main`` in its own process, after Ray has gone (the same cores)."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--plain", str(bundle), str(port)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the plain FastAPI app did not start")
+            time.sleep(0.5)
+        return run_client(f"http://127.0.0.1:{port}/models/bench/predict", args)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
@@ -199,11 +261,16 @@ def main() -> None:
     ap.add_argument("--task", default="classification", choices=["classification", "segmentation"])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "base"])
     ap.add_argument("--size", type=int, default=32, help="chip size = the model's input size")
+    ap.add_argument("--no-access-log", action="store_true", help="Serve's access log off (logging_config)")
     ap.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 contrast run")
     ap.add_argument("--client", help=argparse.SUPPRESS)
+    ap.add_argument("--plain", nargs=2, metavar=("BUNDLE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         client_main(args.client, args.requests, args.concurrency, args.warmup, args.size)
+        return
+    if args.plain:
+        plain_main(args.plain[0], int(args.plain[1]))
         return
 
     import ray
@@ -220,16 +287,12 @@ def main() -> None:
         rows = []
         try:
             for batch in [args.batch] + ([] if args.no_unbatched else [1]):
-                run_config(serve_config(tmp, bundle, port, batch, args.concurrency, args.wait), block=False,
+                run_config(serve_config(tmp, bundle, port, batch, args.concurrency, args.wait, not args.no_access_log),
+                           block=False,
                            on_status=lambda m: None)
                 url = f"http://127.0.0.1:{port}/b{batch}/models/bench/predict"
-                env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 before, kids = serve_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
-                out = subprocess.run([sys.executable, __file__, "--client", url, "--requests", str(args.requests),
-                                      "--concurrency", str(args.concurrency), "--warmup", str(args.warmup),
-                                      "--size", str(args.size)],
-                                     capture_output=True, text=True, env=env, check=True)
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = run_client(url, args)
                 stats = serve.get_deployment_handle("ModelServer", app_name=f"bench{batch}").batch_stats.remote()
                 stats = stats.result()
                 res["mean_batch"] = stats["requests"] / max(stats["batches"], 1)
@@ -243,6 +306,7 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+        plain = run_plain(bundle, args)
         after = bare(bundle, chips(args.batch * 25, args.size), args.batch, repeats=4)
     print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.task} ({args.preset}) chips "
           f"6x{args.size}x{args.size} (npy) over loopback")
@@ -251,6 +315,11 @@ def main() -> None:
     for batch, r in rows:
         print(f"{batch:>14} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>10.1f} "
               f"{r['rps'] / reference:>8.2f}  {r['codes']}")
+    print(f"{'plain FastAPI':>14} {plain['rps']:>8.1f} {plain['p50_ms']:>8.1f} {plain['p99_ms']:>8.1f} {1:>10.1f} "
+          f"{plain['rps'] / reference:>8.2f}  {plain['codes']}  (uvicorn, one process, the same Predictor)")
+    for batch, r in rows:
+        print(f"max_batch_size {batch}: {r['rps'] / plain['rps']:.2f} of the plain FastAPI app's req/s (target >= 0.7); "
+              f"p99/p50 {r['p99_ms'] / r['p50_ms']:.1f} (target <= 3)")
     print(f"{'bare model':>14} {reference:>8.1f}  images/s at batch {args.batch}: mean of {base['images_per_s']:.1f} "
           f"before and {after['images_per_s']:.1f} after the runs (target ratio >= 0.7)")
     print(f"bare model CPU per image: {base['cpu_ms']:.1f} ms before, {after['cpu_ms']:.1f} ms after")
