@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_loop(steps: int, batch: int, threads: int = 1) -> float:
+def bare_loop(steps: int, batch: int, threads: int = 1) -> list[float]:
     """The same training step by hand: forward, backward, the spec's default gradient clipping, AdamW."""
     from earthray.recipes import create_recipe
     from earthray.train.spec import OptimSpec
@@ -70,11 +70,11 @@ def bare_loop(steps: int, batch: int, threads: int = 1) -> float:
 
     run(0, 5)  # warm-up
     rates = []
-    for _ in range(3):  # one short timing swings by 20 % on a shared machine; the median of three holds
+    for _ in range(3):  # one short timing swings by 20 % on a shared machine
         start = time.perf_counter()
         run(5, steps)
         rates.append(steps * batch / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return rates
 
 
 def gpu_variant(steps: int, batch: int, peak_tflops: float) -> None:
@@ -143,8 +143,13 @@ def main() -> None:
     from earthray.train.run import pretrain
     from earthray.train.spec import PretrainSpec
 
-    bare = bare_loop(60, args.batch)
-    bare_all = bare if args.workers == 1 else bare_loop(60, args.batch * args.workers, threads=args.workers)
+    def bare_loops() -> tuple[list[float], list[float]]:
+        one = bare_loop(60, args.batch)
+        return one, one if args.workers == 1 else bare_loop(60, args.batch * args.workers, threads=args.workers)
+
+    # timed before and after the platform run: this shared machine's speed drifts by up to 2x within
+    # minutes, and the median over both sides of the run is the figure measured beside it
+    before = bare_loops()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         scene = make_scene(Path(tmp), args.tiles)
@@ -164,12 +169,15 @@ def main() -> None:
         rate = [m.value for m in client.get_metric_history(result.run_id, "samples_per_s")][1:]
         wait = [m.value for m in client.get_metric_history(result.run_id, "data_wait_fraction")][1:]
         ray.shutdown()
+    after = bare_loops()
+    bare, bare_all = (statistics.median(b + a) for b, a in zip(before, after))
     total = statistics.median(rate)
     per_worker = total / args.workers
     print(f"data: {manifest['counts']['total']} real chips (32 px, 4 bands); {args.steps} steps of "
           f"{args.batch} per worker on {args.workers} workers; run wall time {wall:.0f} s incl. start-up")
     print(f"{'':34}{'samples/s':>12}")
-    print(f"{'bare PyTorch loop (1 thread)':34}{bare:12.0f}")
+    print(f"{'bare PyTorch loop (1 thread)':34}{bare:12.0f}   (before the run {statistics.median(before[0]):.0f}, "
+          f"after {statistics.median(after[0]):.0f})")
     if args.workers > 1:
         print(f"{f'bare loop, {args.workers} threads, batch x{args.workers}':34}{bare_all:12.0f}")
     print(f"{'Ray Train + Ray Data, total':34}{total:12.0f}")

@@ -126,6 +126,7 @@ class MetricLogger:
         if self.rank != 0 or not due(step, self.spec.tracking.log_every, self.spec.max_steps):
             return
         metrics = self.meter.summary(self.world) | {"lr": strategy.lr, "epoch": epoch}
+        self.meter.reset()  # here, not after logging: the next interval's samples/s pays for this logging
         if isinstance(self.spec, PretrainSpec):
             metrics["held_bytes"] = strategy.held_bytes()
         tracking.log_metrics(self.uri, self.run_id, metrics, step)
@@ -133,7 +134,6 @@ class MetricLogger:
         self.progress.line(step, f"{self.spec.name} step {step}/{self.spec.max_steps} {shown} "
                                  f"wait {100 * metrics['data_wait_fraction']:.0f}%", status=shown)
         self.latest.update({k: v for k, v in metrics.items() if k in ("loss", "lr")})
-        self.meter.reset()
 
 
 def evaluate_shards(strategy, shards: dict, batch_size: int, rank: int, world: int,
