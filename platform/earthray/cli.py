@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from earthray.errors import EarthrayError
 
@@ -38,8 +39,6 @@ VerboseOpt = typer.Option(False, "--verbose", help="also show Ray's own log line
 
 def _fail(problem: str | Exception, code: int = EXIT_CONFIG) -> None:
     """Print one error line (never folded, so paths stay whole for copying) and exit."""
-    from rich.markup import escape
-
     err.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
