@@ -6,7 +6,10 @@ for scenes 1x, 4x and 16x the size of the real Landsat 7 sample (it must stay fl
 Scenes: the real six-band Landsat 7 scene (489 x 443), tiled ``k`` x ``k`` (``k`` = 1, 2, 4: 1x, 4x, 16x the
 area) with its georeferencing extended. Each size runs ``earthray.serve.infer`` in a fresh process with
 its own local Ray, so peaks do not carry over; a sampler thread records the resident memory (RSS) of the
-driver and the largest summed RSS of all Ray worker processes (read tasks + model actor) during the run.
+driver and, over all Ray worker processes (read tasks + model actor), the peak of their summed RSS, of
+their summed PSS (shared pages, such as the object store's, split among the processes mapping them,
+so a page counts once) and of how many there are. RSS sums count every mapped object-store page once
+per process that touched it, so they grow with the scene even when no process holds more.
 The bare model reads the same windows of the 1x scene in one process (``Predictor.forward``, batches of
 ``--batch``, one torch thread) with the same normalisation; its windows/s is the reference.
 """
@@ -41,11 +44,11 @@ def tiled_scene(path: Path, k: int) -> Path:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS of this process and of the Ray worker processes (summed), sampled every 0.2 s."""
+    """Peak RSS of this process; peak summed RSS and PSS, and peak count, of the Ray worker processes."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.driver = self.workers = 0
+        self.driver = self.workers = self.workers_pss = self.processes = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -54,14 +57,17 @@ class Sampler(threading.Thread):
         me = psutil.Process()
         while not self.stop.is_set():
             self.driver = max(self.driver, me.memory_info().rss)
-            total = 0
+            rss = pss = count = 0
             for p in me.children(recursive=True):
                 try:
                     if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
-                        total += p.memory_info().rss
+                        full = p.memory_full_info()
+                        rss, pss, count = rss + full.rss, pss + full.pss, count + 1
                 except psutil.Error:
                     pass
-            self.workers = max(self.workers, total)
+            self.workers = max(self.workers, rss)
+            self.workers_pss = max(self.workers_pss, pss)
+            self.processes = max(self.processes, count)
             time.sleep(0.2)
 
 
@@ -88,7 +94,8 @@ def run_one(bundle: str, scene: str, out: str, batch: int, actors: int) -> None:
     (t0, n0), (t1, n1) = next(m for m in marks if m[1] >= total // 4), marks[-1]
     steady = (n1 - n0) / (t1 - t0) if len(marks) >= 8 and t1 > t0 else float("nan")
     print(json.dumps({"windows": result.windows, "seconds": result.seconds, "driver_rss": sampler.driver,
-                      "workers_rss": sampler.workers, "steady": steady}))
+                      "workers_rss": sampler.workers, "workers_pss": sampler.workers_pss,
+                      "processes": sampler.processes, "steady": steady}))
     ray.shutdown()
 
 
@@ -148,14 +155,15 @@ def main() -> None:
             rows.append((k, json.loads(out.stdout.strip().splitlines()[-1])))
             print(f"x{k * k} done", flush=True)
     print(f"\n{'scene':>6} {'pixels':>10} {'windows':>8} {'seconds':>8} {'win/s':>7} {'steady':>7} {'vs bare':>8} "
-          f"{'driver peak MB':>15} {'workers peak MB':>16}")
+          f"{'driver peak MB':>15} {'workers RSS MB':>15} {'workers PSS MB':>15} {'workers':>8}")
     for k, r in rows:
         wps = r["windows"] / r["seconds"]
         print(f"{'x' + str(k * k):>6} {489 * 443 * k * k:>10} {r['windows']:>8} {r['seconds']:>8.1f} {wps:>7.1f} "
               f"{r['steady']:>7.1f} {r['steady'] / base['windows_per_s']:>8.2f} {r['driver_rss'] / 2**20:>15.0f} "
-              f"{r['workers_rss'] / 2**20:>16.0f}")
+              f"{r['workers_rss'] / 2**20:>15.0f} {r['workers_pss'] / 2**20:>15.0f} {r['processes']:>8}")
     print("seconds and win/s include Ray start-up, Ray Data planning and the actor's model load; steady = windows/s "
-          "over the last three quarters of the windows (nan: too few read tasks to time); vs bare = steady / bare. Workers = all Ray worker processes.")
+          "over the last three quarters of the windows (nan: too few read tasks to time); vs bare = steady / bare. Workers = all Ray worker processes "
+          "(peaks; PSS counts a shared page once).")
 
 
 if __name__ == "__main__":
