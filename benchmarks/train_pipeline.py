@@ -18,9 +18,25 @@ random flips and rotations (``augment``) and the rest in the loop's bookkeeping;
 main thread and Ray Data's iterator threads take about 6 % of samples between them (the GIL they hold
 is time the training thread waits). Data wait stays near 1.5 %: batches arrive decoded before the step
 asks for them. The first logging interval also pays for importing MLflow's SQL store in the worker
-(about 2 s), which is why it is left out. At 2 workers on 2 cores the total matches a bare loop given
-both cores (2 threads, the two batches together); one worker reaches 0.7-0.8 of a single-thread bare loop
-from run to run.
+(about 2 s), which is why it is left out.
+
+At 2 workers the script also times a bare DDP loop: the same step in 2 processes (one thread each, gloo,
+the platform's DDP settings, in-memory tensors, no Ray). That separates what data parallelism costs on
+these cores from what the platform adds. Measured on 2026-12-03 (2 cores; ``--workers 2``):
+
+    --batch 32:  2-thread loop 2994, bare DDP 2470 (0.83), platform 2164 (0.72; 0.88 of bare DDP)
+    --batch 128: 2-thread loop 5432, bare DDP 5146 (0.95), platform 4610 (0.85; 0.90 of bare DDP)
+
+A gloo allreduce costs 1.3-1.9 ms here whatever its size (4 KB or the tiny model's 0.6 MB; 4 MB takes
+4-5 ms) while a TCP round trip on loopback takes 24 us, and each rank waits for the slower one at every
+step: ``top`` shows each worker 68-74 % busy. At batch 32 a step is about 18 ms of compute, so that fixed
+cost caps any 2-process data-parallel loop near 0.8 of one process with 2 threads; at batch 128 it is
+amortised and the target is met. ``find_unused_parameters`` made no measurable difference (2 x 3 runs
+of the bare DDP loop alternated). In the platform's training thread (py-spy, batch 32): backward 48 %
+(the allreduce wait included), forward 25 %, AdamW and the scheduler 13 %, the random flips 5 %, gradient
+clipping 4 %, rank 0's MLflow write 2.5 % (6 ms every ``log_every`` steps, which the other rank waited
+for at its next allreduce; it now runs on MLflow's logging thread), the next batch 0.6 %. The rest of
+the gap to bare DDP is Ray's own threads in each worker sharing the two cores.
 
     python benchmarks/train_pipeline.py --gpu [--batch 64] [--peak-tflops 989]
 
@@ -44,37 +60,78 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bare_loop(steps: int, batch: int, threads: int = 1) -> list[float]:
-    """The same training step by hand: forward, backward, the spec's default gradient clipping, AdamW."""
+def _bare_model(steps: int, batch: int, threads: int):
+    """The tiny OFA model, AdamW and in-memory batches the bare baselines train on."""
     from earthray.recipes import create_recipe
-    from earthray.train.spec import OptimSpec
 
-    clip = OptimSpec().clip_grad
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_recipe("ofa", ["vhr_rgbn"], "tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = torch.randn(steps + 5, batch, 4, 32, 32)
     valid = torch.ones(batch, 32, 32, dtype=torch.bool)  # the pipeline's batches carry masks; same work here
+    return model, opt, data, valid
 
-    def step(i: int) -> torch.Tensor:
-        return model({"vhr_rgbn": data[i], "vhr_rgbn.valid": valid})["loss"]
 
-    def run(first: int, n: int) -> None:
-        for i in range(first, first + n):
-            loss = step(i % len(data))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
+def _bare_steps(model, opt, data, valid, first: int, n: int, forward=None) -> None:
+    """The training step by hand: forward, backward, the spec's default gradient clipping, AdamW."""
+    from earthray.train.spec import OptimSpec
 
-    run(0, 5)  # warm-up
+    clip, forward = OptimSpec().clip_grad, forward or model
+    for i in range(first, first + n):
+        loss = forward({"vhr_rgbn": data[i % len(data)], "vhr_rgbn.valid": valid})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+
+
+def bare_loop(steps: int, batch: int, threads: int = 1) -> list[float]:
+    model, opt, data, valid = _bare_model(steps, batch, threads)
+    _bare_steps(model, opt, data, valid, 0, 5)  # warm-up
     rates = []
     for _ in range(3):  # one short timing swings by 20 % on a shared machine
         start = time.perf_counter()
-        run(5, steps)
+        _bare_steps(model, opt, data, valid, 5, steps)
         rates.append(steps * batch / (time.perf_counter() - start))
     return rates
+
+
+def _ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, rates) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, opt, data, valid = _bare_model(steps, batch, 1)
+    # the platform's DDP settings (earthray.train.strategy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+    _bare_steps(model, opt, data, valid, 0, 5, ddp)
+    for _ in range(3):
+        dist.barrier()
+        start = time.perf_counter()
+        _bare_steps(model, opt, data, valid, 5, steps, ddp)
+        rates.put((rank, steps * batch / (time.perf_counter() - start)))
+    dist.destroy_process_group()
+
+
+def bare_ddp(steps: int, batch: int, world: int) -> list[float]:
+    """The same step in ``world`` processes (one thread each) under DDP over gloo: no Ray, no data path."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    rates = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, world, port, steps, batch, rates)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = [rates.get(timeout=600) for _ in range(3 * world)]
+    for p in procs:
+        p.join()
+    per_rank = [[rate for r, rate in got if r == rank] for rank in range(world)]
+    return [sum(timing) for timing in zip(*per_rank)]
 
 
 def gpu_variant(steps: int, batch: int, peak_tflops: float) -> None:
@@ -143,9 +200,11 @@ def main() -> None:
     from earthray.train.run import pretrain
     from earthray.train.spec import PretrainSpec
 
-    def bare_loops() -> tuple[list[float], list[float]]:
+    def bare_loops() -> tuple[list[float], list[float], list[float]]:
         one = bare_loop(60, args.batch)
-        return one, one if args.workers == 1 else bare_loop(60, args.batch * args.workers, threads=args.workers)
+        if args.workers == 1:
+            return one, one, one
+        return one, bare_loop(60, args.batch * args.workers, threads=args.workers), bare_ddp(60, args.batch, args.workers)
 
     # timed before and after the platform run: this shared machine's speed drifts by up to 2x within
     # minutes, and the median over both sides of the run is the figure measured beside it
@@ -170,7 +229,7 @@ def main() -> None:
         wait = [m.value for m in client.get_metric_history(result.run_id, "data_wait_fraction")][1:]
         ray.shutdown()
     after = bare_loops()
-    bare, bare_all = (statistics.median(b + a) for b, a in zip(before, after))
+    bare, bare_all, ddp = (statistics.median(b + a) for b, a in zip(before, after))
     total = statistics.median(rate)
     per_worker = total / args.workers
     print(f"data: {manifest['counts']['total']} real chips (32 px, 4 bands); {args.steps} steps of "
@@ -180,10 +239,14 @@ def main() -> None:
           f"after {statistics.median(after[0]):.0f})")
     if args.workers > 1:
         print(f"{f'bare loop, {args.workers} threads, batch x{args.workers}':34}{bare_all:12.0f}")
+        print(f"{f'bare DDP, {args.workers} processes (gloo)':34}{ddp:12.0f}")
     print(f"{'Ray Train + Ray Data, total':34}{total:12.0f}")
     print(f"{'Ray Train + Ray Data, per worker':34}{per_worker:12.0f}")
     print(f"ratio per worker / bare (1 thread): {per_worker / bare:.2f} (target >= 0.85)")
     print(f"ratio total / bare on the same {args.workers} cores: {total / bare_all:.2f} (target >= 0.85)")
+    if args.workers > 1:
+        print(f"ratio total / bare DDP on the same {args.workers} cores: {total / ddp:.2f}; "
+              f"bare DDP / bare {args.workers} threads: {ddp / bare_all:.2f} (what data parallelism itself costs here)")
     print(f"data wait fraction (median of steady-state logs): {statistics.median(wait):.1%} (target < 10 %)")
 
 

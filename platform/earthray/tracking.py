@@ -55,14 +55,17 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], a
     return run.info.run_id
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, wait: bool = True):
+    """``wait=False`` queues the batch on MLflow's logging thread and returns its ``RunOperations``:
+    ``.wait()`` on it raises what the write raised."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     client = _client(uri)
-    client.log_batch(run_id, metrics=[Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()])
+    return client.log_batch(run_id, metrics=[Metric(k.replace("/", "."), float(v), now, step)
+                                             for k, v in metrics.items()], synchronous=wait)
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

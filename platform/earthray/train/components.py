@@ -114,13 +114,20 @@ class EpochCache:
 
 
 class MetricLogger:
-    """Every ``tracking.log_every`` steps, rank 0 logs the meter's averages to MLflow and a progress line."""
+    """Every ``tracking.log_every`` steps, rank 0 logs the meter's averages to MLflow and a progress line.
+
+    A write goes to MLflow's logging thread, not the training thread: every rank waits for rank 0 at
+    its next gradient allreduce, so a synchronous write (6 ms to a local SQLite store, a network round
+    trip to a tracking server) would stall them all. One write is outstanding at most; the next log
+    waits for it, so a failing store still stops the run, one interval later. The last is synchronous.
+    """
 
     def __init__(self, spec: TrainSpec, rank: int, world: int, uri: str, run_id: str, progress: WorkerProgress):
         self.spec, self.rank, self.world, self.uri, self.run_id, self.progress = spec, rank, world, uri, run_id, progress
         self.meter = Meter()
         self.latest: dict[str, float] = {}
         """The last logged loss and lr: what the checkpoint report carries."""
+        self.pending = None
 
     def after_step(self, step: int, strategy, epoch: int) -> None:
         if self.rank != 0 or not due(step, self.spec.tracking.log_every, self.spec.max_steps):
@@ -129,7 +136,10 @@ class MetricLogger:
         self.meter.reset()  # here, not after logging: the next interval's samples/s pays for this logging
         if isinstance(self.spec, PretrainSpec):
             metrics["held_bytes"] = strategy.held_bytes()
-        tracking.log_metrics(self.uri, self.run_id, metrics, step)
+        if self.pending is not None:
+            self.pending.wait()
+        last = step >= self.spec.max_steps
+        self.pending = tracking.log_metrics(self.uri, self.run_id, metrics, step, wait=last)
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "samples_per_s"))
         self.progress.line(step, f"{self.spec.name} step {step}/{self.spec.max_steps} {shown} "
                                  f"wait {100 * metrics['data_wait_fraction']:.0f}%", status=shown)
