@@ -1,6 +1,6 @@
 """Training throughput: the full Ray Train + Ray Data path against a bare PyTorch loop, in one run.
 
-    python benchmarks/train_pipeline.py [--steps 150] [--batch 32] [--workers 2] [--tiles 4]
+    python benchmarks/train_pipeline.py [--steps 150] [--batch 32] [--workers 2] [--tiles 4] [--accum 1]
 
 Both sides train the same tiny OFA model with the same per-worker batch size, one torch
 thread each. The bare loop feeds in-memory tensors in one process. The platform path
@@ -73,47 +73,53 @@ def _bare_model(steps: int, batch: int, threads: int):
     return model, opt, data, valid
 
 
-def _bare_steps(model, opt, data, valid, first: int, n: int, forward=None) -> None:
-    """The training step by hand: forward, backward, the spec's default gradient clipping, AdamW."""
+def _bare_steps(model, opt, data, valid, first: int, n: int, accum: int, ddp=None) -> None:
+    """``n`` micro-batches by hand: forward, backward, and every ``accum`` of them the spec's default
+    gradient clipping and AdamW; under DDP the micro-batches before a step's last skip the allreduce."""
+    import contextlib
+
     from earthray.train.spec import OptimSpec
 
-    clip, forward = OptimSpec().clip_grad, forward or model
+    clip = OptimSpec().clip_grad
     for i in range(first, first + n):
-        loss = forward({"vhr_rgbn": data[i % len(data)], "vhr_rgbn.valid": valid})["loss"]
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
+        last = (i + 1) % accum == 0
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            loss = (ddp or model)({"vhr_rgbn": data[i % len(data)], "vhr_rgbn.valid": valid})["loss"]
+        (loss / accum).backward()
+        if last:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
 
 
-def bare_loop(steps: int, batch: int, threads: int = 1) -> list[float]:
+def bare_loop(steps: int, batch: int, threads: int = 1, accum: int = 1) -> list[float]:
     model, opt, data, valid = _bare_model(steps, batch, threads)
-    _bare_steps(model, opt, data, valid, 0, 5)  # warm-up
+    _bare_steps(model, opt, data, valid, 0, 5, accum)  # warm-up
     rates = []
     for _ in range(3):  # one short timing swings by 20 % on a shared machine
         start = time.perf_counter()
-        _bare_steps(model, opt, data, valid, 5, steps)
+        _bare_steps(model, opt, data, valid, 5, steps, accum)
         rates.append(steps * batch / (time.perf_counter() - start))
     return rates
 
 
-def _ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, rates) -> None:
+def _ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, accum: int, rates) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model, opt, data, valid = _bare_model(steps, batch, 1)
     # the platform's DDP settings (earthray.train.strategy)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
-    _bare_steps(model, opt, data, valid, 0, 5, ddp)
+    _bare_steps(model, opt, data, valid, 0, 5, accum, ddp)
     for _ in range(3):
         dist.barrier()
         start = time.perf_counter()
-        _bare_steps(model, opt, data, valid, 5, steps, ddp)
+        _bare_steps(model, opt, data, valid, 5, steps, accum, ddp)
         rates.put((rank, steps * batch / (time.perf_counter() - start)))
     dist.destroy_process_group()
 
 
-def bare_ddp(steps: int, batch: int, world: int) -> list[float]:
+def bare_ddp(steps: int, batch: int, world: int, accum: int = 1) -> list[float]:
     """The same step in ``world`` processes (one thread each) under DDP over gloo: no Ray, no data path."""
     import socket
 
@@ -124,7 +130,7 @@ def bare_ddp(steps: int, batch: int, world: int) -> list[float]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     rates = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, world, port, steps, batch, rates)) for r in range(world)]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, world, port, steps, batch, accum, rates)) for r in range(world)]
     for p in procs:
         p.start()
     got = [rates.get(timeout=600) for _ in range(3 * world)]
@@ -185,6 +191,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tiles", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step (optim.grad_accum), "
+                    "on every side")
     ap.add_argument("--gpu", action="store_true", help="the GPU variant instead (base preset, bf16)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
@@ -201,10 +209,11 @@ def main() -> None:
     from earthray.train.spec import PretrainSpec
 
     def bare_loops() -> tuple[list[float], list[float], list[float]]:
-        one = bare_loop(60, args.batch)
+        one = bare_loop(60, args.batch, accum=args.accum)
         if args.workers == 1:
             return one, one, one
-        return one, bare_loop(60, args.batch * args.workers, threads=args.workers), bare_ddp(60, args.batch, args.workers)
+        return (one, bare_loop(60, args.batch * args.workers, threads=args.workers, accum=args.accum),
+                bare_ddp(60, args.batch, args.workers, args.accum))
 
     # timed before and after the platform run: this shared machine's speed drifts by up to 2x within
     # minutes, and the median over both sides of the run is the figure measured beside it
@@ -220,7 +229,8 @@ def main() -> None:
             "name": "bench", "workdir": f"{tmp}/work", "recipe": "ofa", "preset": "tiny",
             "data": {"root": f"{tmp}/shards", "groups": {"vhr_rgbn": args.batch}, "augment": True},
             "workers": {"num_workers": args.workers, "cpus_per_worker": 0.5},
-            "max_steps": args.steps, "checkpoint_every": args.steps, "tracking": {"log_every": log_every}})
+            "max_steps": args.steps, "checkpoint_every": args.steps, "tracking": {"log_every": log_every},
+            "optim": {"grad_accum": args.accum}})
         start = time.perf_counter()
         result = pretrain(spec)
         wall = time.perf_counter() - start
@@ -233,7 +243,7 @@ def main() -> None:
     total = statistics.median(rate)
     per_worker = total / args.workers
     print(f"data: {manifest['counts']['total']} real chips (32 px, 4 bands); {args.steps} steps of "
-          f"{args.batch} per worker on {args.workers} workers; run wall time {wall:.0f} s incl. start-up")
+          f"{args.accum} x {args.batch} per worker on {args.workers} workers; run wall time {wall:.0f} s incl. start-up")
     print(f"{'':34}{'samples/s':>12}")
     print(f"{'bare PyTorch loop (1 thread)':34}{bare:12.0f}   (before the run {statistics.median(before[0]):.0f}, "
           f"after {statistics.median(after[0]):.0f})")

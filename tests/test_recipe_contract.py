@@ -35,7 +35,8 @@ from train_helpers import tiny_job, tiny_job_spec
 
 STEPS = 4
 STRATEGIES = {
-    "ddp": {"strategy": {"name": "ddp"}},
+    # two micro-batches per step under DDP too: the first accumulates locally (no_sync), the second reduces
+    "ddp": {"strategy": {"name": "ddp"}, "optim": {"grad_accum": 2}},
     # two micro-batches per step: the hook runs at the accumulation boundary, on gathered weights, in float32
     "zero3-bf16": {"strategy": {"name": "deepspeed", "zero_stage": 3, "precision": "bf16"},
                    "optim": {"grad_accum": 2}},

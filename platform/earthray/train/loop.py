@@ -111,10 +111,10 @@ def train_loop(config: dict) -> None:
             if spec.data.augment:
                 gen = torch.Generator().manual_seed(hash((spec.seed, state.step, rank, state.micro)) & 0x7FFFFFFF)
                 batch = flip_rotate(batch, names, gen)
-            out = strategy.forward(batch)
+            boundary = accum + 1 == spec.optim.grad_accum
+            out = strategy.forward(batch, sync=boundary)
             strategy.backward(out["loss"])
             state.micro, accum = state.micro + 1, accum + 1
-            boundary = accum == spec.optim.grad_accum
             strategy.after_backward(boundary)
             logger.meter.add(out, len(next(iter(batch.values()))))
             if not boundary:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from earthray.recipes import Recipe
 from earthray.train.optim import param_groups, warmup_cosine
@@ -35,7 +36,9 @@ class Strategy:
     dtype: torch.dtype | None
     """The autocast dtype of mixed precision; None in float32."""
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, sync: bool = True) -> dict:
+        """``sync=False``: a micro-batch before the last of its optimiser step, whose gradients need not
+        be reduced across ranks yet."""
         raise NotImplementedError
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -112,8 +115,11 @@ class DDPStrategy(Strategy):
         self.scheduler = warmup_cosine(self.optimizer, o.warmup_steps, spec.max_steps, o.lr, o.min_lr)
         self.dtype = torch.bfloat16 if spec.strategy.precision == "bf16" else None
 
-    def forward(self, batch: dict) -> dict:
-        with self.autocast():
+    def forward(self, batch: dict, sync: bool = True) -> dict:
+        # DDP decides in the forward pass whether the backward allreduces: under no_sync the gradients
+        # accumulate locally and the step's last micro-batch reduces them all, one allreduce a step
+        local = not sync and isinstance(self.model, DistributedDataParallel)
+        with self.model.no_sync() if local else contextlib.nullcontext(), self.autocast():
             return self.model(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -183,8 +189,8 @@ class DeepSpeedStrategy(Strategy):
             return batch
         return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
-    def forward(self, batch: dict) -> dict:
-        with self.autocast():
+    def forward(self, batch: dict, sync: bool = True) -> dict:
+        with self.autocast():  # the engine counts micro-batches and reduces at its own boundary
             return self.engine(self.cast(batch))
 
     def _whole_weights(self) -> contextlib.AbstractContextManager:
