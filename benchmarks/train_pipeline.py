@@ -26,6 +26,9 @@ these cores from what the platform adds. Measured on 2026-12-03 (2 cores; ``--wo
 
     --batch 32:  2-thread loop 2994, bare DDP 2470 (0.83), platform 2164 (0.72; 0.88 of bare DDP)
     --batch 128: 2-thread loop 5432, bare DDP 5146 (0.95), platform 4610 (0.85; 0.90 of bare DDP)
+    --accum 4 --steps 150 (batch 32, one allreduce per 4 micro-batches): 2-thread loop 3909,
+                 bare DDP 3699 (0.95), platform 3325 (0.85; 0.90); while every micro-batch still
+                 allreduced (before ``no_sync``): platform 2949 (0.78) beside 3771 / 3730
 
 A gloo allreduce costs 1.3-1.9 ms here whatever its size (4 KB or the tiny model's 0.6 MB; 4 MB takes
 4-5 ms) while a TCP round trip on loopback takes 24 us, and each rank waits for the slower one at every
