@@ -10,6 +10,18 @@ driver and, over all Ray worker processes (read tasks + model actor), the peak o
 their summed PSS (shared pages, such as the object store's, split among the processes mapping them,
 so a page counts once) and of how many there are. RSS sums count every mapped object-store page once
 per process that touched it, so they grow with the scene even when no process holds more.
+It also prints the workers' PSS at that peak by process title: ``ray::IDLE`` are the read-task workers,
+``ray::MapWorker(...)`` the model actor.
+
+Where the memory goes (2026-12-03, ``--sizes 1 4``): a read-task worker held about 600 MB of PSS,
+because ``read_windows``'s module imported torch (about 480 MB of private memory per process in this
+torch build) although reads need only rasterio and numpy; the 1x -> 16x rise (1675 -> 2448 MB) was one
+more such worker. The input contract now lives in the torch-free ``earthray.serve.inputs``: a read
+worker holds about 150 MB, and the workers' PSS is 1251 MB at 1x and 1628 MB at 16x (10 processes:
+three read workers instead of one, as the pipeline fills, and the model actor +70 MB of queued
+batches), with steady windows/s unchanged (1.53x bare at 16x). Per process, memory does not grow with
+the scene; the number of read workers is bounded by the CPUs (``read_cpus`` each).
+
 The bare model reads the same windows of the 1x scene in one process (``Predictor.forward``, batches of
 ``--batch``, one torch thread) with the same normalisation; its windows/s is the reference.
 """
@@ -49,6 +61,8 @@ class Sampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.driver = self.workers = self.workers_pss = self.processes = 0
+        self.at_peak: dict[str, int] = {}
+        """Summed PSS by process title at the sample where the workers' PSS peaked: which kind grew."""
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -58,13 +72,18 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             self.driver = max(self.driver, me.memory_info().rss)
             rss = pss = count = 0
+            kinds: dict[str, int] = {}
             for p in me.children(recursive=True):
                 try:
                     if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
                         full = p.memory_full_info()
                         rss, pss, count = rss + full.rss, pss + full.pss, count + 1
+                        title = p.cmdline()[0].split(" ")[0] if p.cmdline() else p.name()
+                        kinds[title] = kinds.get(title, 0) + full.pss
                 except psutil.Error:
                     pass
+            if pss > self.workers_pss:
+                self.at_peak = kinds
             self.workers = max(self.workers, rss)
             self.workers_pss = max(self.workers_pss, pss)
             self.processes = max(self.processes, count)
@@ -95,7 +114,8 @@ def run_one(bundle: str, scene: str, out: str, batch: int, actors: int) -> None:
     steady = (n1 - n0) / (t1 - t0) if len(marks) >= 8 and t1 > t0 else float("nan")
     print(json.dumps({"windows": result.windows, "seconds": result.seconds, "driver_rss": sampler.driver,
                       "workers_rss": sampler.workers, "workers_pss": sampler.workers_pss,
-                      "processes": sampler.processes, "steady": steady}))
+                      "processes": sampler.processes, "steady": steady,
+                      "pss_at_peak": {k: v >> 20 for k, v in sorted(sampler.at_peak.items())}}))
     ray.shutdown()
 
 
@@ -104,7 +124,8 @@ def bare(bundle: str, scene: str, batch: int) -> dict:
     from rasterio.windows import Window
 
     from earthray.io import open_scene
-    from earthray.serve.predictor import Predictor, prepare, tile_starts
+    from earthray.serve.inputs import prepare, tile_starts
+    from earthray.serve.predictor import Predictor
 
     torch.set_num_threads(1)
     p = Predictor.load("bench", bundle, device="cpu")
@@ -161,6 +182,9 @@ def main() -> None:
         print(f"{'x' + str(k * k):>6} {489 * 443 * k * k:>10} {r['windows']:>8} {r['seconds']:>8.1f} {wps:>7.1f} "
               f"{r['steady']:>7.1f} {r['steady'] / base['windows_per_s']:>8.2f} {r['driver_rss'] / 2**20:>15.0f} "
               f"{r['workers_rss'] / 2**20:>15.0f} {r['workers_pss'] / 2**20:>15.0f} {r['processes']:>8}")
+    for k, r in rows:
+        print(f"x{k * k} workers' PSS MB at their peak, by process: "
+              + ", ".join(f"{name} {mb}" for name, mb in r["pss_at_peak"].items()))
     print("seconds and win/s include Ray start-up, Ray Data planning and the actor's model load; steady = windows/s "
           "over the last three quarters of the windows (nan: too few read tasks to time); vs bare = steady / bare. Workers = all Ray worker processes "
           "(peaks; PSS counts a shared page once).")

@@ -136,7 +136,8 @@ def plain_main(bundle: str, port: int) -> None:
 
     from earthray.serve.answers import to_json
     from earthray.serve.decode import DecodeLimits, decode
-    from earthray.serve.predictor import Predictor, pixel_valid
+    from earthray.serve.inputs import pixel_valid
+    from earthray.serve.predictor import Predictor
 
     torch.set_num_threads(1)
     model = Predictor.load("bench", bundle, device="cpu")
@@ -209,7 +210,8 @@ def serve_cpu() -> dict[str, float]:
 def bare(bundle: Path, images: np.ndarray, batch: int, repeats: int) -> dict:
     import torch
 
-    from earthray.serve.predictor import Predictor, prepare
+    from earthray.serve.inputs import prepare
+    from earthray.serve.predictor import Predictor
 
     torch.set_num_threads(1)
     p = Predictor.load("bench", bundle, device="cpu")

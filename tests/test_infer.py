@@ -265,3 +265,12 @@ def test_cli_and_spec_errors(bundle, scene_file, tmp_path):
     shipped = load_infer_spec(ROOT / "jobs" / "infer-landcover.yaml")
     assert shipped.model == "models:/landcover@champion" and shipped.scenes[0][0].endswith("lsat7_2000_10.tif")
     assert shipped.output == str(ROOT / "work" / "inference" / "landcover")
+
+
+def test_read_tasks_do_not_import_torch():
+    """Ray Data's read tasks run ``read_windows`` from ``earthray.serve.infer``: importing torch with it would
+    add about 480 MB to every read worker (benchmarks/batch_infer.py shows it per process)."""
+    code = ("import sys, earthray.serve.infer\n"
+            "sys.exit(' '.join(m for m in sys.modules if m.split('.')[0] == 'torch')[:200] or None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

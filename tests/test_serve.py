@@ -335,7 +335,8 @@ def test_a_multi_sensor_model_answers_from_the_sensors_given(client, scene, bund
 
 def test_windows_carrying_different_sensors_batch_together(bundles, scene):
     """One batch mixing an image with both sensors and one with Landsat 7 only (as ``@serve.batch`` may)."""
-    from earthray.serve.predictor import Predictor, prepare
+    from earthray.serve.inputs import prepare
+    from earthray.serve.predictor import Predictor
 
     predictor = Predictor.load("fused", bundles["fused"], device="cpu")
     raw, valid, _ = chip(scene, 60, 200, 40, 40)

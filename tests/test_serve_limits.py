@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from starlette.requests import Request
 
+from earthray.serve.inputs import RequestError
 from earthray.serve.limits import Budget, Slots, read_body
-from earthray.serve.predictor import RequestError
 
 
 def request(headers: dict[str, str], chunks: list[bytes], sent: list[int]) -> Request:

@@ -19,7 +19,6 @@ layer-wise learning-rate decay via ``layer_ids``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -33,30 +32,8 @@ from earthray.errors import ConfigError, DataError
 from earthray.metrics import class_metrics
 from earthray.models.heads import create_head, fuse_sensors
 from earthray.recipes.base import Batch, Recipe
+from earthray.task_types import TASKS, Task
 
-Task = Literal["classification", "multilabel", "segmentation", "change", "regression", "translation"]
-
-
-@dataclass(frozen=True)
-class TaskType:
-    """What a task is, once: the head it gets, whether it answers per pixel or per scene, whether
-    its outputs are classes (scored with ``ignore_index`` skipped) or a target sensor's bands."""
-
-    head: str
-    dense: bool
-    classes: bool
-    dates: int = 1
-    """Dates per sample the model reads (change detection: two)."""
-
-
-TASKS: dict[str, TaskType] = {
-    "classification": TaskType("classification", dense=False, classes=True),
-    "multilabel": TaskType("classification", dense=False, classes=True),
-    "segmentation": TaskType("fpn", dense=True, classes=True),
-    "change": TaskType("change", dense=True, classes=True, dates=2),
-    "regression": TaskType("fpn", dense=True, classes=False),
-    "translation": TaskType("fpn", dense=True, classes=False),
-}
 _EMBED = ("patch_embed", "pos_embed", "cls_token", "mask_token", ".embed.", "embeds.")
 
 

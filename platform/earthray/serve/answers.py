@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from earthray.serve.predictor import NODATA_CLASS, SCENE, ModelInfo
+from earthray.serve.inputs import NODATA_CLASS, SCENE, ModelInfo
 
 
 def to_json(info: ModelInfo, answer: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, Any]:

@@ -9,8 +9,8 @@ of a Serve config file (``earthray.serve.config.AppArgs``). It binds two deploym
 
 Where the rest lives: ``config`` (args, config files), ``models`` (the served models, verified),
 ``limits`` (slots, memory, body reading), ``decode`` (request bodies), ``answers`` (JSON / GeoTIFF),
-``schemas`` (OpenAPI), ``run`` (``earthray serve``), ``predictor`` (the model contract, shared with batch
-inference in ``infer``).
+``schemas`` (OpenAPI), ``run`` (``earthray serve``); shared with batch inference in ``infer``: ``inputs``
+(the input contract, numpy only) and ``predictor`` (the model).
 
 Building the app does no I/O (``serve build``, config checks work offline). Each gateway replica verifies
 the models when it starts, resolving ``models:/landcover@champion`` to the version the alias names then;

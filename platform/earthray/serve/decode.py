@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from earthray.serve.inputs import ModelInfo, RequestError, prepare
 from earthray.serve.limits import megabytes
-from earthray.serve.predictor import ModelInfo, RequestError, prepare
 from earthray.serve.schemas import PredictJSON
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

@@ -38,9 +38,9 @@ from earthray.bundle import BundleError
 from earthray.serve.answers import to_geotiff, to_json
 from earthray.serve.config import TOKEN_ENV, parse_args, token_sha256
 from earthray.serve.decode import DecodeLimits, decode
+from earthray.serve.inputs import SCENE, RequestError, pixel_valid
 from earthray.serve.limits import Budget, Overloaded, Slots, read_body, read_form
 from earthray.serve.models import served_models
-from earthray.serve.predictor import SCENE, RequestError, pixel_valid
 from earthray.serve.schemas import ERRORS, PREDICT_ANSWERS, PREDICT_BODY, ErrorBody, ModelCard, ModelList
 
 log = logging.getLogger("ray.serve")

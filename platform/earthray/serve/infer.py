@@ -7,7 +7,7 @@
    ``predictor.tile_starts``). A scene whose output already exists from the same model and settings is
    skipped (resume); one that cannot be opened or has the wrong bands is reported as failed;
 2. streams the windows of all scenes through Ray Data: a read stage (tasks) reads each window with
-   ``earthray.io`` and normalises it exactly as the online app does (``predictor.prepare``; non-finite
+   ``earthray.io`` and normalises it exactly as the online app does (``inputs.prepare``; non-finite
    pixels are missing, as in ingest), then ``map_batches`` with an actor pool runs the model
    (``ActorPoolStrategy``, a GPU per actor when the cluster has GPUs). The actors are not restarted:
    Ray Data passes them arguments in the object store, with which a restart is not reliable in Ray 2.60
@@ -51,11 +51,10 @@ import numpy as np
 from earthray.compat import map_batches_without_restarts
 from earthray.config import ConfigError
 from earthray.io.write import GeoParquetWriter, RasterWriter, footprint_wkb
-from earthray.serve.predictor import (
+from earthray.serve.inputs import (
     NODATA_CLASS,
     SCENE,
     ModelInfo,
-    Predictor,
     RequestError,
     blend_weight,
     pixel_valid,
@@ -292,6 +291,8 @@ class WindowPredictor:
     """The model in a Ray Data actor: prepared windows -> outputs (and embeddings)."""
 
     def __init__(self, source: str, tracking_uri: str | None, embeddings: bool):
+        from earthray.serve.predictor import Predictor  # here: the read tasks import this module, not torch
+
         self.predictor = Predictor.load("model", source, tracking_uri, device="auto")
         self.embeddings = embeddings
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 from starlette.requests import ClientDisconnect, Request
 
-from earthray.serve.predictor import RequestError
+from earthray.serve.inputs import RequestError
 
 CLOSE = {"Connection": "close"}
 """Headers of an answer given before the body was read: the connection cannot carry another request."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from earthray.config import ConfigError
 from earthray.serve.config import AppArgs
-from earthray.serve.predictor import ModelInfo
+from earthray.serve.inputs import ModelInfo
 
 
 @dataclass(frozen=True)
