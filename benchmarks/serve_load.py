@@ -21,8 +21,14 @@ proxy 6.7, Gateway 10.1, ModelServer 5.0, client 4.8, while the plain app's whol
 Serve's metrics 2.9 %, access log 2.4 % (``--no-access-log``: 84 against 76 requests/s). Serve's proxy
 alone costs about what the plain app does, so even a single hop behind it caps this machine near 114
 requests/s, about 0.67 of the plain app; measured, the app reaches 0.42 of it (71 against 171).
-That overhead is fixed per request (about 22 ms of CPU across proxy, Gateway and Serve's replica
-machinery), so it matters only while the model is as cheap as the HTTP around it: with
+On 2026-12-03 (a quieter machine: the plain app served 255-355 requests/s) the app served 59-64 requests/s
+over 400 requests and 101 over 1200 (0.28 of the plain app's 355), at 4.5 ms proxy, 6.8 Gateway, 4.5
+ModelServer and 2.2 client CPU per request: the proxy alone costs more than the plain app's whole
+request (about 2.8 ms), so for a model this cheap no topology behind Serve's proxy comes near 0.7 on
+2 cores. The code at the previous stop measured alike (90 requests/s beside a plain 300; 400 requests:
+the first ones also pay for loading the model, so short runs vary most). That overhead is fixed per
+request (16-27 ms of CPU across proxy, Gateway and ModelServer here), so it matters only while the
+model is as cheap as the HTTP around it: with
 ``--preset base --size 64`` (about 30 ms of forward per image) the app serves 18.8 requests/s against
 the plain app's 15.3, **1.23x** (dynamic batching, mean batch 4.4), p99/p50 1.3 (2026-12-03).
 """
