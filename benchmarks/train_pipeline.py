@@ -41,11 +41,17 @@ clipping 4 %, rank 0's MLflow write 2.5 % (6 ms every ``log_every`` steps, which
 for at its next allreduce; it now runs on MLflow's logging thread), the next batch 0.6 %. The rest of
 the gap to bare DDP is Ray's own threads in each worker sharing the two cores.
 
-    python benchmarks/train_pipeline.py --gpu [--batch 64] [--peak-tflops 989]
+    python benchmarks/train_pipeline.py --gpu [--jobs ofa,mars,skysense] [--steps 20] [--batch N] [--peak-tflops 989]
 
-On a machine with a GPU: the base OFA-Net (ViT-B/16, 224 px) in bf16 autocast, samples/s
-and model FLOPs utilisation (FLOPs of one step counted by torch's FlopCounterMode,
-against the accelerator's dense bf16 peak; 989 TFLOP/s for an H100/H200 SXM).
+On a machine with a GPU: the model, batch, precision and strategy of ``jobs/pretrain-ofa-base.yaml``
+(OFA-Net base, DDP's step by hand, bf16 autocast), ``jobs/pretrain-mars-base.yaml`` (MaRS base through
+the platform's ``DeepSpeedStrategy``, ZeRO-2, bf16; random init, so no teacher) and
+``jobs/pretrain-skysense-huge.yaml`` (SkySense huge, 2.06 B parameters, ZeRO-3 with CPU offload, bf16),
+each in one process on synthetic inputs at the model's sizes. Reported per job: steps/s, samples/s,
+peak GPU memory (does it fit) and model FLOPs utilisation (FLOPs of one step counted by torch's
+FlopCounterMode, against the accelerator's dense bf16 peak; 989 TFLOP/s for an H100/H200 SXM).
+``--device cpu --preset tiny --steps 3 --batch 2`` runs the same code on the CPU (a smoke run: it
+passes for all three, 2026-12-03); no GPU figures exist yet (no device has been lent).
 """
 
 from __future__ import annotations
@@ -143,37 +149,104 @@ def bare_ddp(steps: int, batch: int, world: int, accum: int = 1) -> list[float]:
     return [sum(timing) for timing in zip(*per_rank)]
 
 
-def gpu_variant(steps: int, batch: int, peak_tflops: float) -> None:
+GPU_JOBS = {"ofa": "pretrain-ofa-base.yaml", "mars": "pretrain-mars-base.yaml", "skysense": "pretrain-skysense-huge.yaml"}
+"""The job files whose model, batch, precision and strategy ``--gpu`` runs (OFA-Net base, MaRS base, SkySense huge)."""
+
+
+def synthetic_batch(model, sensors: list[str], batch: int, dates: int, device: str) -> dict[str, torch.Tensor]:
+    """Random inputs in the batch layout (``earthray.data.batch``) at the sizes the model's config sets:
+    SkySense's time-series roles get ``dates`` dates at ``ts_img_size``, everything else one image."""
+    c = model.config
+    series = {getattr(model, "roles", {}).get(r) for r in ("ms", "sar")} - {None}
+    out: dict[str, torch.Tensor] = {}
+    for name in sensors:
+        bands = len(model.sensors[name].bands)
+        if name in series:
+            out[name] = torch.randn(batch, dates, bands, c.ts_img_size, c.ts_img_size)
+            out[f"{name}.doy"] = torch.randint(1, 366, (batch, dates))
+        else:
+            size = getattr(c, "img_size", None) or c.hr_img_size
+            out[name] = torch.randn(batch, bands, size, size)
+    if series:
+        out["lonlat"] = torch.rand(batch, 2) * torch.tensor([360.0, 180.0]) - torch.tensor([180.0, 90.0])
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def gpu_variant(recipe: str, steps: int, batch: int | None, peak_tflops: float, device: str, preset: str | None) -> None:
+    """One job file's model at its preset and precision, one process: a DDP job's step by hand (AdamW,
+    autocast), a DeepSpeed job's through the platform's ``DeepSpeedStrategy`` (its ZeRO stage and offload)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
 
+    from earthray.config import read_yaml
     from earthray.recipes import create_recipe
+    from earthray.recipes.base import paper_inputs
+    from earthray.train.spec import PretrainSpec
+    from earthray.train.strategy import DeepSpeedStrategy
 
+    job = read_yaml(ROOT / "jobs" / GPU_JOBS[recipe])
+    group, job_batch = next(iter(job["data"]["groups"].items()))
+    batch = batch or job_batch
+    job["data"]["groups"] = {group: batch}
+    job["preset"] = preset or job["preset"]
+    job["workers"] = {**job.get("workers", {}), "use_gpu": device == "cuda"}  # sets the strategy's autocast device
+    for key in ("init_weights", "teacher_weights"):  # local weight files of the cluster: random init here
+        job.get("model", {}).pop(key, None)
+    spec = PretrainSpec.model_validate(job)
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     torch.manual_seed(0)
-    model = create_recipe("ofa", ["vhr_rgbn"], "base").cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 4, 224, 224, device="cuda")
+    model = create_recipe(recipe, paper_inputs(recipe), spec.preset, **spec.model)
+    params = sum(p.numel() for p in model.parameters())
+    sensors = [g.split("@")[0] for g in group.split("+")]
+    x = synthetic_batch(model, sensors, batch, spec.data.max_dates, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if spec.strategy.name == "deepspeed":
+        strategy = DeepSpeedStrategy(model, spec)
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model({"vhr_rgbn": x})["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step() -> None:
+            strategy.backward(strategy.forward(x)["loss"])
+            strategy.after_backward(True)
+    else:
+        model = model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        dtype = torch.bfloat16 if spec.strategy.precision == "bf16" else None
 
+        def step() -> None:
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                loss = model(x)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    for _ in range(5):
+    for _ in range(3):
         step()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
-    print(f"GPU {torch.cuda.get_device_name()}: base OFA-Net, bf16, batch {batch}: "
-          f"{steps * batch / elapsed:.0f} samples/s, {flops / 1e9 / batch:.1f} GFLOP per sample, "
-          f"MFU {flops * steps / elapsed / (peak_tflops * 1e12):.1%} of {peak_tflops:g} TFLOP/s")
+    peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"{where}: {recipe} {spec.preset} ({params / 1e6:.1f} M parameters), {spec.strategy.name}"
+          f"{f' ZeRO-{spec.strategy.zero_stage}' if spec.strategy.name == 'deepspeed' else ''}"
+          f"{' + offload' if spec.strategy.offload else ''}, {spec.strategy.precision}, batch {batch} of {group}: "
+          f"{steps / elapsed:.2f} steps/s, {steps * batch / elapsed:.1f} samples/s, "
+          f"{flops / 1e9 / batch:.1f} GFLOP per sample, MFU {flops * steps / elapsed / (peak_tflops * 1e12):.1%} "
+          f"of {peak_tflops:g} TFLOP/s{peak}", flush=True)
 
 
 def make_scene(folder: Path, tiles: int) -> Path:
@@ -191,17 +264,22 @@ def make_scene(folder: Path, tiles: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, help="per worker (default 32; --gpu: the job file's)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tiles", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step (optim.grad_accum), "
                     "on every side")
-    ap.add_argument("--gpu", action="store_true", help="the GPU variant instead (base preset, bf16)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU variant instead: the job files of GPU_JOBS")
+    ap.add_argument("--jobs", default="ofa,mars,skysense", help="--gpu: which of GPU_JOBS")
+    ap.add_argument("--device", default="cuda", help="--gpu: cpu for a smoke run of the same code")
+    ap.add_argument("--preset", help="--gpu: override the job's preset (tiny for a CPU smoke run)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     args = ap.parse_args()
     if args.gpu:
-        gpu_variant(args.steps, args.batch, args.peak_tflops)
+        for recipe in args.jobs.split(","):
+            gpu_variant(recipe, args.steps, args.batch, args.peak_tflops, args.device, args.preset)
         return
+    args.batch = args.batch or 32
 
     import ray
     from mlflow.tracking import MlflowClient
