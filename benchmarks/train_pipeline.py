@@ -115,10 +115,11 @@ def bare_loop(steps: int, batch: int, threads: int = 1, accum: int = 1) -> list[
 def _ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, accum: int, rates) -> None:
     import torch.distributed as dist
 
+    from earthray.train.strategy import DDP_OPTIONS
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model, opt, data, valid = _bare_model(steps, batch, 1)
-    # the platform's DDP settings (earthray.train.strategy)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **DDP_OPTIONS)
     _bare_steps(model, opt, data, valid, 0, 5, accum, ddp)
     for _ in range(3):
         dist.barrier()
@@ -128,15 +129,19 @@ def _ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, accum: i
     dist.destroy_process_group()
 
 
-def bare_ddp(steps: int, batch: int, world: int, accum: int = 1) -> list[float]:
-    """The same step in ``world`` processes (one thread each) under DDP over gloo: no Ray, no data path."""
+def _free_port() -> int:
     import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def bare_ddp(steps: int, batch: int, world: int, accum: int = 1) -> list[float]:
+    """The same step in ``world`` processes (one thread each) under DDP over gloo: no Ray, no data path."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
     ctx = mp.get_context("spawn")
     rates = ctx.Queue()
     procs = [ctx.Process(target=_ddp_rank, args=(r, world, port, steps, batch, accum, rates)) for r in range(world)]
@@ -176,7 +181,6 @@ def gpu_variant(recipe: str, steps: int, batch: int | None, peak_tflops: float, 
     """One job file's model at its preset and precision, one process: a DDP job's step by hand (AdamW,
     autocast), a DeepSpeed job's through the platform's ``DeepSpeedStrategy`` (its ZeRO stage and offload)."""
     import os
-    import socket
 
     import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
@@ -197,10 +201,8 @@ def gpu_variant(recipe: str, steps: int, batch: int | None, peak_tflops: float, 
         job.get("model", {}).pop(key, None)
     spec = PretrainSpec.model_validate(job)
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     torch.manual_seed(0)
     model = create_recipe(recipe, paper_inputs(recipe), spec.preset, **spec.model)

@@ -99,16 +99,18 @@ def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in state.items()}
 
 
+DDP_OPTIONS = {"find_unused_parameters": True, "broadcast_buffers": False}
+"""Batches may lack a sensor (unused embeddings/decoders) and routing leaves experts idle; buffers
+(teachers, prototypes, centres) change only in on_step_end, identically on every rank (EMAs of the
+same student, gathered updates), so there is nothing to broadcast."""
+
+
 class DDPStrategy(Strategy):
     def __init__(self, recipe: nn.Module, spec: TrainSpec):
         import ray.train.torch
 
         self.spec = spec
-        # Batches may lack a sensor (unused embeddings/decoders) and routing leaves experts idle;
-        # buffers (teachers, prototypes, centres) change only in on_step_end, identically on every
-        # rank (EMAs of the same student, gathered updates), so there is nothing to broadcast.
-        self.model = ray.train.torch.prepare_model(
-            recipe, parallel_strategy_kwargs={"find_unused_parameters": True, "broadcast_buffers": False})
+        self.model = ray.train.torch.prepare_model(recipe, parallel_strategy_kwargs=DDP_OPTIONS)
         self.module = recipe
         o = spec.optim
         self.optimizer = torch.optim.AdamW(param_groups(recipe, o.weight_decay, o.lr), lr=o.lr, betas=o.betas)
